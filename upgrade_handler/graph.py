@@ -1,0 +1,239 @@
+"""The Microsoft Graph client: installation lookups and upgrades, one ``httpx.AsyncClient`` per process.
+
+Every URL is the configured base URL, a fixed API version and fixed path words, with each id
+percent-encoded as exactly one path segment (RFC 6570 simple expansion, as the Graph SDKs do),
+so nothing from a message can reach another host, version or path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from . import __version__
+from .errors import (
+    GraphConnectionError,
+    GraphError,
+    GraphFailure,
+    GraphTimeout,
+    PermanentGraphError,
+    TransientGraphError,
+    classify_response,
+)
+from .messages import AppKind, AppRef, Scope, Target
+from .ratelimit import AdaptiveRateLimiter, GateClosed
+
+API_VERSION = "v1.0"
+USER_AGENT = f"teams-app-upgrader/{__version__}"
+#: Connect within 5 s, finish the whole request within 30 s (contract §2).
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCall:
+    """A successful Graph response: what to log about it."""
+
+    status: int
+    request_id: str | None
+    client_request_id: str
+    duration_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Installation:
+    """The installation a lookup found, and how many matched."""
+
+    id: str
+    matches: int
+    call: GraphCall
+
+
+def segment(value: str) -> str:
+    """Percent-encode ``value`` so it is one path segment and nothing else."""
+    return quote(value, safe="")
+
+
+def installed_apps_path(target: Target) -> str:
+    """The ``installedApps`` collection of a user, team or chat."""
+    owner = segment(target.id)
+    if target.scope is Scope.USER:
+        return f"/{API_VERSION}/users/{owner}/teamwork/installedApps"
+    if target.scope is Scope.TEAM:
+        return f"/{API_VERSION}/teams/{owner}/installedApps"
+    return f"/{API_VERSION}/chats/{owner}/installedApps"
+
+
+def upgrade_path(target: Target, installation_id: str) -> str:
+    return f"{installed_apps_path(target)}/{segment(installation_id)}/upgrade"
+
+
+def lookup_query(app: AppRef) -> str:
+    """``$expand=teamsApp&$filter=teamsApp/<field> eq '<value>'`` with the literal quoted for OData."""
+    field = "id" if app.kind is AppKind.TEAMS_APP_ID else "externalId"
+    literal = app.value.replace("'", "''")
+    return "$expand=teamsApp&$filter=" + quote(f"teamsApp/{field} eq '{literal}'", safe="/'")
+
+
+class GraphClient:
+    """Calls Graph on behalf of the handler; raises :class:`~upgrade_handler.errors.GraphError` kinds.
+
+    ``http`` is the seam for tests and tools; by default one client with explicit timeouts and
+    connection limits is created. ``limiter`` paces calls across the whole process.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        limiter: AdaptiveRateLimiter,
+        http: httpx.AsyncClient | None = None,
+        timeout: httpx.Timeout = TIMEOUT,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._limiter = limiter
+        self._http = http or httpx.AsyncClient(timeout=timeout, limits=LIMITS, follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def find_installation(
+        self, target: Target, app: AppRef, token: str, *, max_gate_wait: float = float("inf")
+    ) -> Installation | None:
+        """The installation of ``app`` for ``target``, or ``None`` when it is not installed."""
+        url = f"{self._base_url}{installed_apps_path(target)}?{lookup_query(app)}"
+        response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
+        try:
+            document = json.loads(response.content)
+            values = document["value"]
+            if not isinstance(values, list):
+                raise TypeError("value is not a list")
+            ids = [item["id"] for item in values]
+            if not all(isinstance(item, str) and item for item in ids):
+                raise TypeError("an installation has no id")
+        except (ValueError, KeyError, TypeError) as error:
+            raise PermanentGraphError(
+                _failure_from(response, call, code="UnreadableResponse", message=f"lookup answer unreadable: {error}")
+            ) from None
+        if not ids:
+            return None
+        return Installation(ids[0], len(ids), call)
+
+    async def upgrade(
+        self,
+        target: Target,
+        installation_id: str,
+        permissions: Mapping[str, Any] | None,
+        token: str,
+        *,
+        max_gate_wait: float = float("inf"),
+    ) -> GraphCall:
+        url = f"{self._base_url}{upgrade_path(target, installation_id)}"
+        body = None if permissions is None else {"consentedPermissionSet": permissions}
+        _, call = await self._send("POST", url, token, body, max_gate_wait=max_gate_wait)
+        return call
+
+    async def get_page(
+        self, url: str, token: str, *, max_gate_wait: float = float("inf")
+    ) -> tuple[dict[str, Any], GraphCall]:
+        """GET a URL that the caller built from this client's base URL (paging), as JSON."""
+        if not url.startswith(self._base_url + "/"):
+            raise ValueError("refusing a URL outside the configured Graph base")
+        response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
+        try:
+            document = json.loads(response.content)
+            if not isinstance(document, dict):
+                raise TypeError("not an object")
+        except (ValueError, TypeError) as error:
+            raise PermanentGraphError(
+                _failure_from(response, call, code="UnreadableResponse", message=f"page unreadable: {error}")
+            ) from None
+        return document, call
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        token: str,
+        body: Mapping[str, Any] | None = None,
+        *,
+        max_gate_wait: float,
+    ) -> tuple[httpx.Response, GraphCall]:
+        client_request_id = str(uuid.uuid4())
+        headers = {
+            "Authorization": f"Bearer {token}",
+            "client-request-id": client_request_id,
+            "return-client-request-id": "true",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = json.dumps(body, separators=(",", ":")).encode()
+        try:
+            await self._limiter.acquire(max_gate_wait)
+        except GateClosed as closed:
+            raise TransientGraphError(
+                GraphFailure(
+                    status=429,
+                    code="TooManyRequests",
+                    message=f"not sent: {closed}",
+                    client_request_id=client_request_id,
+                    retry_after=closed.remaining,
+                )
+            ) from None
+        started = time.monotonic()
+        try:
+            response = await self._http.request(method, url, headers=headers, content=content)
+        except httpx.ConnectTimeout as error:
+            raise _transport_failure(GraphConnectionError, "ConnectionError", error, client_request_id) from None
+        except httpx.TimeoutException as error:
+            raise _transport_failure(GraphTimeout, "Timeout", error, client_request_id) from None
+        except httpx.TransportError as error:
+            raise _transport_failure(GraphConnectionError, "ConnectionError", error, client_request_id) from None
+        call = GraphCall(
+            status=response.status_code,
+            request_id=response.headers.get("request-id"),
+            client_request_id=response.headers.get("client-request-id") or client_request_id,
+            duration_ms=round((time.monotonic() - started) * 1000),
+        )
+        if response.is_success:
+            self._limiter.on_success()
+            return response, call
+        rejected = classify_response(response.status_code, response.headers, response.content)
+        if response.status_code == 429:
+            self._limiter.on_throttled(rejected.failure.retry_after)
+        if rejected.failure.client_request_id is None:
+            rejected = type(rejected)(replace(rejected.failure, client_request_id=client_request_id))
+        raise rejected
+
+
+def _transport_failure(
+    kind: type[TransientGraphError], code: str, error: Exception, client_request_id: str
+) -> GraphError:
+    detail = str(error) or type(error).__name__
+    return kind(GraphFailure(status=None, code=code, message=detail, client_request_id=client_request_id))
+
+
+def _failure_from(response: httpx.Response, call: GraphCall, *, code: str, message: str) -> GraphFailure:
+    return GraphFailure(
+        status=response.status_code,
+        code=code,
+        message=message,
+        request_id=call.request_id,
+        client_request_id=call.client_request_id,
+        date=response.headers.get("date"),
+        raw_body=response.text[:8192],
+    )

@@ -1,0 +1,40 @@
+"""Structured log events: one event name per happening, stable keys, no secrets, no raw UPNs.
+
+Each event is one line, ``event key=value ...``, so it reads well in the Functions log stream
+and in Application Insights traces; the same fields are attached as ``extra={"event":...,
+"fields": {...}}`` for handlers that want them structured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+logger = logging.getLogger("upgrade_handler")
+
+
+def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
+    present = {key: value for key, value in fields.items() if value is not None}
+    text = " ".join(f"{key}={_clean(value)}" for key, value in present.items())
+    logger.log(level, "%s %s", event, text, extra={"event": event, "fields": present})
+
+
+def redact_user(user_id: str) -> str:
+    """A user principal name is personal data: log a stable pseudonym, never the name itself.
+
+    GUID object ids are not personal on their own and are logged as they are.
+    """
+    if "@" not in user_id:
+        return user_id
+    digest = hashlib.sha256(user_id.lower().encode()).hexdigest()[:12]
+    return f"upn:{digest}"
+
+
+def _clean(value: Any) -> str:
+    text = str(value)
+    # Keep one event on one line whatever a producer put into an id or a Graph message.
+    text = " ".join(text.split())
+    if not text or " " in text or "=" in text or '"' in text:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
