@@ -150,9 +150,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         except ValueError:
             numbers = []
             break
-        if not math.isfinite(number):
+        if not math.isfinite(number) or number < 0:
             return None
-        numbers.append(max(0.0, number))
+        numbers.append(number)
     if numbers:
         return max(numbers)
     try:

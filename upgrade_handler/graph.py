@@ -57,8 +57,13 @@ class Installation:
 
 
 def segment(value: str) -> str:
-    """Percent-encode ``value`` so it is one path segment and nothing else."""
-    return quote(value, safe="")
+    """Percent-encode ``value`` so it is one path segment and nothing else.
+
+    ``.`` is unreserved and stays as it is, except in a segment of dots only, which URL
+    normalisation would read as "this" or "parent" segment.
+    """
+    encoded = quote(value, safe="")
+    return encoded.replace(".", "%2E") if not encoded.strip(".") else encoded
 
 
 def installed_apps_path(target: Target) -> str:
@@ -98,7 +103,7 @@ class GraphClient:
         timeout: httpx.Timeout = TIMEOUT,
     ) -> None:
         self._base_url = base_url.rstrip("/")
-        self._limiter = limiter
+        self.limiter = limiter
         self._http = http or httpx.AsyncClient(timeout=timeout, limits=LIMITS, follow_redirects=False, trust_env=False)
 
     async def aclose(self) -> None:
@@ -183,7 +188,7 @@ class GraphClient:
             headers["Content-Type"] = "application/json"
             content = json.dumps(body, separators=(",", ":")).encode()
         try:
-            await self._limiter.acquire(max_gate_wait)
+            await self.limiter.acquire(max_gate_wait)
         except GateClosed as closed:
             raise TransientGraphError(
                 GraphFailure(
@@ -210,11 +215,11 @@ class GraphClient:
             duration_ms=round((time.monotonic() - started) * 1000),
         )
         if response.is_success:
-            self._limiter.on_success()
+            self.limiter.on_success()
             return response, call
         rejected = classify_response(response.status_code, response.headers, response.content)
         if response.status_code == 429:
-            self._limiter.on_throttled(rejected.failure.retry_after)
+            self.limiter.on_throttled(rejected.failure.retry_after)
         if rejected.failure.client_request_id is None:
             rejected = type(rejected)(replace(rejected.failure, client_request_id=client_request_id))
         raise rejected

@@ -91,10 +91,12 @@ class UpgradeHandler:
     ) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.limiter = AdaptiveRateLimiter(
-            settings.max_requests_per_second, clock=self.clock.monotonic, sleep=self.clock.sleep
+        self.graph = graph or GraphClient(
+            settings.graph_base_url,
+            limiter=AdaptiveRateLimiter(
+                settings.max_requests_per_second, clock=self.clock.monotonic, sleep=self.clock.sleep
+            ),
         )
-        self.graph = graph or GraphClient(settings.graph_base_url, limiter=self.limiter)
         self.tokens = tokens or TokenProvider(
             settings.graph_scope,
             credential_factory or (lambda: default_credential(settings.managed_identity_client_id)),

@@ -31,10 +31,16 @@ def redact_user(user_id: str) -> str:
     return f"upn:{digest}"
 
 
+#: Longest value written to a log line; anything a producer sends is cut there.
+MAX_VALUE = 1024
+
+
 def _clean(value: Any) -> str:
     text = str(value)
     # Keep one event on one line whatever a producer put into an id or a Graph message.
-    text = " ".join(text.split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(text) > MAX_VALUE:
+        text = text[: MAX_VALUE - 1] + "…"
     if not text or " " in text or "=" in text or '"' in text:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text

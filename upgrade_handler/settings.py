@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ GRAPH_CLOUD_ROOTS = (
 )
 _LOCAL_HOSTS = ("localhost", "127.0.0.1")
 _GLOBAL_SCOPE = "https://graph.microsoft.com/.default"
+_GUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 
 
 class ConfigurationError(Exception):
@@ -92,7 +94,7 @@ class Settings:
             deadletter_queue=_queue_name("DEADLETTER_QUEUE_NAME", get("DEADLETTER_QUEUE_NAME")),
             graph_base_url=base_url,
             graph_scope=scope,
-            managed_identity_client_id=get("AZURE_CLIENT_ID"),
+            managed_identity_client_id=_client_id("AZURE_CLIENT_ID", get("AZURE_CLIENT_ID")),
             max_attempts=_integer("UPGRADE_MAX_ATTEMPTS", get("UPGRADE_MAX_ATTEMPTS"), minimum=1),
             max_inline_wait_seconds=_number(
                 "UPGRADE_MAX_INLINE_WAIT_SECONDS", get("UPGRADE_MAX_INLINE_WAIT_SECONDS"), maximum=120
@@ -137,6 +139,12 @@ def _graph_base_url(raw: str) -> tuple[str, str]:
         f"{raw!r} is not a Microsoft Graph cloud root ({allowed}) "
         "nor http(s)://localhost or http(s)://127.0.0.1 with an optional port",
     )
+
+
+def _client_id(setting: str, value: str | None) -> str | None:
+    if value is not None and not _GUID.fullmatch(value):
+        raise ConfigurationError(setting, f"{value!r} is not a managed identity client id (a GUID)")
+    return value
 
 
 def _queue_name(setting: str, value: str | None) -> str:
@@ -191,7 +199,9 @@ def _service_bus(connection_string: str | None, namespace: str | None, client_id
                 "ServiceBusConnection__fullyQualifiedNamespace",
                 f"{namespace!r} is not a namespace host name (<name>.servicebus.windows.net)",
             )
-        return ServiceBusConnection(fully_qualified_namespace=host, client_id=client_id)
+        return ServiceBusConnection(
+            fully_qualified_namespace=host, client_id=_client_id("ServiceBusConnection__clientId", client_id)
+        )
     raise ConfigurationError(
         "ServiceBusConnection",
         "neither ServiceBusConnection (a connection string) nor "

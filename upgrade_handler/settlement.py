@@ -38,6 +38,28 @@ _PROPERTIES_BUDGET = 64 * 1024 - 2 * 1024
 _INT32 = range(-(2**31), 2**31)
 
 
+#: What a dead letter adds to the carried properties (contract §3).
+_DEAD_LETTER_KEYS = frozenset(
+    {
+        "DeadLetterReason",
+        "DeadLetterErrorDescription",
+        "UpgradeAttempts",
+        "FailedAtUtc",
+        "OriginalMessageId",
+        "OriginalEnqueuedTimeUtc",
+        "OriginalDeliveryCount",
+        "GraphStatus",
+        "GraphErrorCode",
+        "GraphErrorMessage",
+        "GraphInnerErrorCode",
+        "GraphRequestId",
+        "GraphClientRequestId",
+        "GraphDate",
+        "GraphError",
+    }
+)
+
+
 class DeadLetterReason(StrEnum):
     INVALID_MESSAGE = "InvalidMessage"
     INSTALLATION_NOT_FOUND = "InstallationNotFound"
@@ -103,8 +125,9 @@ def dead_letter_message(
     )
     if failure is not None:
         properties.update(_graph_properties(failure, with_status=reason is not DeadLetterReason.INSTALLATION_NOT_FOUND))
+    carried = set(properties) - _DEAD_LETTER_KEYS
     properties = {key: value for key, value in properties.items() if value is not None}
-    _fit_properties(properties)
+    _fit_properties(properties, carried)
     return ServiceBusMessage(
         delivery.body,
         message_id=history.original_message_id,
@@ -144,9 +167,7 @@ def retry_message(
         correlation_id=delivery.correlation_id,
         subject=delivery.subject,
         scheduled_enqueue_time_utc=not_before,
-        application_properties={
-            key: value for key, value in properties.items() if value is not None
-        },
+        application_properties={key: value for key, value in properties.items() if value is not None},
     )
 
 
@@ -176,21 +197,33 @@ def _graph_properties(failure: GraphFailure, *, with_status: bool) -> dict[str, 
         "GraphRequestId": failure.request_id,
         "GraphClientRequestId": failure.client_request_id,
         "GraphDate": failure.date,
-        "GraphError": failure.raw_body[:_MAX_GRAPH_ERROR] if failure.raw_body else None,
+        "GraphError": _utf8_prefix(failure.raw_body, _MAX_GRAPH_ERROR) if failure.raw_body else None,
     }
 
 
-def _fit_properties(properties: dict[str, Any]) -> None:
-    """Shorten ``GraphError`` (and only then drop it) so the properties stay under 64 KiB."""
+def _fit_properties(properties: dict[str, Any], carried: set[str]) -> None:
+    """Keep the properties under Service Bus's 64 KiB: shorten ``GraphError`` first, then drop it,
+    then drop the largest carried properties, naming them in ``DeadLetterPropertiesDropped``."""
     excess = _size(properties) - _PROPERTIES_BUDGET
-    if excess <= 0 or "GraphError" not in properties:
-        return
-    raw = properties["GraphError"].encode("utf-8")
-    kept = raw[: max(0, len(raw) - excess)].decode("utf-8", errors="ignore")
-    if kept:
-        properties["GraphError"] = kept
-    else:
-        del properties["GraphError"]
+    if excess > 0 and "GraphError" in properties:
+        raw = properties["GraphError"]
+        kept = _utf8_prefix(raw, max(0, len(raw.encode("utf-8")) - excess))
+        if kept:
+            properties["GraphError"] = kept
+        else:
+            del properties["GraphError"]
+    dropped: list[str] = []
+    by_size = sorted(carried & properties.keys(), key=lambda key: _size({key: properties[key]}), reverse=True)
+    while _size(properties) > _PROPERTIES_BUDGET and by_size:
+        key = by_size.pop(0)
+        del properties[key]
+        dropped.append(key)
+        properties["DeadLetterPropertiesDropped"] = ",".join(dropped)[:_MAX_TEXT]
+
+
+def _utf8_prefix(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` that is at most ``limit`` bytes of UTF-8."""
+    return text.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
 
 
 def _size(properties: Mapping[str, Any]) -> int:

@@ -1,0 +1,230 @@
+// Teams App Upgrader: the whole deployment, for `azd up` (or `az deployment sub create`).
+//
+// Subscription scope: creates the resource group, then `resources.bicep` (everything Azure) and,
+// when `grantGraphPermissions` is true, `graph-permission.bicep` (the Microsoft Graph application
+// permissions of the function's managed identity, through the Microsoft Graph Bicep extension).
+//
+// Plain resources only: no registry modules (`br/public:`), so nothing but the Graph extension is
+// restored at build time. Not compiled on the machine this was written on (no Bicep CLI offline);
+// `tests/test_infra.py` holds these files to the code instead. See docs/deploying.md.
+targetScope = 'subscription'
+
+// ---------------------------------------------------------------------------------------------
+// Where and what to call things
+// ---------------------------------------------------------------------------------------------
+
+@minLength(1)
+@maxLength(64)
+@description('azd environment name; part of the resource group name and of the unique suffix of every resource.')
+param environmentName string
+
+@minLength(1)
+@description('Azure region for every resource. It must offer the Flex Consumption plan (az functionapp list-flexconsumption-locations).')
+param location string
+
+@description('Resource group to create. Empty: rg-<environmentName>.')
+param resourceGroupName string = ''
+
+@minLength(3)
+@maxLength(10)
+@description('Lowercase letters only; first part of every resource name (<prefix>-<unique suffix>-<kind>).')
+param namePrefix string = 'upgrader'
+
+// ---------------------------------------------------------------------------------------------
+// Cloud and Microsoft Graph
+// ---------------------------------------------------------------------------------------------
+
+@allowed([
+  'global'
+  'usgov'
+  'usgovdod'
+])
+@description('Microsoft 365 cloud of the tenant whose Teams apps are upgraded: global (also GCC), usgov (GCC High), usgovdod (DoD). Sets GRAPH_BASE_URL. User-scope upgrades in app context are not supported by Microsoft in GCC High and DoD; team and chat scopes are.')
+param graphCloud string = 'global'
+
+// One parameter per Teams scope, each a single Microsoft Graph application permission (or none),
+// so that azd can set them from plain environment values. The ...AndConsent... variant is needed
+// when that scope's requests carry consentedPermissionSet. The ...Self... permissions are left out
+// on purpose: they only work when the caller is the Teams app itself (its webApplicationInfo.id),
+// which a managed identity is not (research/graph.md section 1.4).
+
+@allowed([
+  'TeamsAppInstallation.ReadWriteForUser.All'
+  'TeamsAppInstallation.ReadWriteAndConsentForUser.All'
+  'none'
+])
+@description('Permission for user-scope (personal) upgrades and for fan-out requests.')
+param userScopePermission string = 'TeamsAppInstallation.ReadWriteForUser.All'
+
+@allowed([
+  'none'
+  'TeamsAppInstallation.ReadWriteForTeam.All'
+  'TeamsAppInstallation.ReadWriteAndConsentForTeam.All'
+])
+@description('Permission for team-scope upgrades (teamId requests).')
+param teamScopePermission string = 'none'
+
+@allowed([
+  'none'
+  'TeamsAppInstallation.ReadWriteForChat.All'
+  'TeamsAppInstallation.ReadWriteAndConsentForChat.All'
+])
+@description('Permission for chat-scope upgrades (chatId requests).')
+param chatScopePermission string = 'none'
+
+@description('Fan-out by Entra group (groupId requests, contract section 6) needs GroupMember.Read.All. True grants it; set false when producers never send groupId.')
+param enableGroupFanOut bool = true
+
+@description('Grant the Graph permissions in this deployment (Microsoft Graph Bicep extension). The deploying user must then be a Privileged Role Administrator (or Global Administrator) of the tenant. False: run infra/scripts/grant-graph-permission.sh as such an administrator instead.')
+param grantGraphPermissions bool = false
+
+// ---------------------------------------------------------------------------------------------
+// Sizing: Service Bus and the function's scale
+// ---------------------------------------------------------------------------------------------
+
+@allowed([
+  'Standard'
+  'Premium'
+])
+@description('Service Bus tier. Standard is the smallest with duplicate detection and scheduled messages; Premium adds isolation and VNet features at a fixed hourly price.')
+param serviceBusSku string = 'Standard'
+
+@minValue(1)
+@maxValue(1000)
+@description('Flex Consumption maximum instance count. Graph allows about 30 upgrade requests per second per tenant for this app, shared by all instances: more instances drain a backlog no faster once Graph throttles, so keep this small.')
+param maximumInstanceCount int = 4
+
+@allowed([
+  512
+  2048
+  4096
+])
+@description('Memory of one Flex Consumption instance in MB (CPU scales with it).')
+param instanceMemoryMB int = 2048
+
+@minValue(1)
+@maxValue(64)
+@description('Service Bus messages one instance processes at once. Written to the app setting AzureFunctionsJobHost__extensions__serviceBus__maxConcurrentCalls, which overrides host.json (16).')
+param perInstanceConcurrency int = 16
+
+// ---------------------------------------------------------------------------------------------
+// App settings the code reads (upgrade_handler/settings.py DEFAULTS); defaults equal the code's
+// ---------------------------------------------------------------------------------------------
+
+@description('UPGRADE_QUEUE_NAME: the trigger queue, also where retries are scheduled.')
+param upgradeQueueName string = 'teams-app-upgrades'
+
+@description('DEADLETTER_QUEUE_NAME: where failed requests go.')
+param deadLetterQueueName string = 'teams-app-upgrades-deadletter'
+
+@minValue(1)
+@maxValue(50)
+@description('UPGRADE_MAX_ATTEMPTS: attempts for one request before RetriesExhausted.')
+param maxAttempts int = 8
+
+@minValue(0)
+@maxValue(120)
+@description('UPGRADE_MAX_INLINE_WAIT_SECONDS: the longest wait done inside one invocation (the queue lock duration covers the largest allowed value).')
+param maxInlineWaitSeconds int = 10
+
+@minValue(2)
+@maxValue(9)
+@description('UPGRADE_MAX_DELIVERY_COUNT: the poison guard. At most 9, below the upgrade queue maxDeliveryCount (10), so the function dead-letters with its own reason before the broker does.')
+param maxDeliveryCount int = 5
+
+@description('GRAPH_MAX_REQUESTS_PER_SECOND: Graph requests per second of ONE instance (a decimal string). The tenant allows about 30 for all instances together; for a hard ceiling use 30 divided by maximumInstanceCount.')
+param graphMaxRequestsPerSecond string = '30'
+
+// ---------------------------------------------------------------------------------------------
+// The person or pipeline running the deployment (azd fills these)
+// ---------------------------------------------------------------------------------------------
+
+@description('Object id of the deployer. Non-empty: may send to the upgrade queue (first request) and read the dead-letter queue. Empty: no access for the deployer.')
+param deployerPrincipalId string = ''
+
+@allowed([
+  'User'
+  'ServicePrincipal'
+  'Group'
+])
+param deployerPrincipalType string = 'User'
+
+// ---------------------------------------------------------------------------------------------
+
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+
+// GRAPH_BASE_URL per cloud; the values are upgrade_handler.settings.GRAPH_CLOUD_ROOTS.
+var graphBaseUrls = {
+  global: 'https://graph.microsoft.com'
+  usgov: 'https://graph.microsoft.us'
+  usgovdod: 'https://dod-graph.microsoft.us'
+}
+
+// The Graph application permissions of the identity, as granted by graph-permission.bicep or by
+// infra/scripts/grant-graph-permission.sh (which reads the GRAPH_APP_ROLES output).
+var scopePermissions = filter([userScopePermission, teamScopePermission, chatScopePermission], permission => permission != 'none')
+var graphAppRoles = concat(scopePermissions, enableGroupFanOut ? ['GroupMember.Read.All'] : [])
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : 'rg-${environmentName}'
+  location: location
+  tags: tags
+}
+
+module resources 'resources.bicep' = {
+  name: 'resources'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    baseName: '${namePrefix}-${resourceToken}'
+    storageAccountName: take('${namePrefix}${resourceToken}', 24)
+    graphBaseUrl: graphBaseUrls[graphCloud]
+    serviceBusSku: serviceBusSku
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    perInstanceConcurrency: perInstanceConcurrency
+    upgradeQueueName: upgradeQueueName
+    deadLetterQueueName: deadLetterQueueName
+    maxAttempts: maxAttempts
+    maxInlineWaitSeconds: maxInlineWaitSeconds
+    maxDeliveryCount: maxDeliveryCount
+    graphMaxRequestsPerSecond: graphMaxRequestsPerSecond
+    deployerPrincipalId: deployerPrincipalId
+    deployerPrincipalType: deployerPrincipalType
+  }
+}
+
+module graphPermission 'graph-permission.bicep' = if (grantGraphPermissions) {
+  name: 'graph-permission'
+  scope: rg
+  params: {
+    principalId: resources.outputs.identityPrincipalId
+    appRoles: graphAppRoles
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs: azd stores them in .azure/<env>/.env. The ones spelled like app settings let
+// `python -m upgrade_handler send` run from a shell where `azd env get-values` was loaded.
+// ---------------------------------------------------------------------------------------------
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_APP_NAME string = resources.outputs.functionAppName
+output AZURE_MANAGED_IDENTITY_NAME string = resources.outputs.identityName
+output AZURE_MANAGED_IDENTITY_CLIENT_ID string = resources.outputs.identityClientId
+output AZURE_MANAGED_IDENTITY_PRINCIPAL_ID string = resources.outputs.identityPrincipalId
+output AZURE_SERVICE_BUS_NAMESPACE string = resources.outputs.serviceBusNamespaceName
+output ServiceBusConnection__fullyQualifiedNamespace string = resources.outputs.serviceBusHostName
+output UPGRADE_QUEUE_NAME string = upgradeQueueName
+output DEADLETTER_QUEUE_NAME string = deadLetterQueueName
+output GRAPH_BASE_URL string = graphBaseUrls[graphCloud]
+output GRAPH_APP_ROLES string = join(graphAppRoles, ',')
+output GRAPH_PERMISSIONS_GRANTED_BY_DEPLOYMENT bool = grantGraphPermissions
+output APPLICATIONINSIGHTS_NAME string = resources.outputs.applicationInsightsName
+output LOG_ANALYTICS_WORKSPACE_NAME string = resources.outputs.logAnalyticsWorkspaceName
