@@ -44,7 +44,8 @@ def graph(identity: IdentityEndpoint) -> Iterator[GraphSimulator]:
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[ServiceBusBroker]:
-    with ServiceBusBroker() as running:
+    # Both queues detect duplicates in Azure (infra/resources.bicep); the tests rely on it too.
+    with ServiceBusBroker(duplicate_detection=[UPGRADE_QUEUE, DEADLETTER_QUEUE]) as running:
         yield running
 
 
