@@ -59,7 +59,12 @@ async def test_user_ids_become_one_skip_if_missing_request_per_user(invoke, grap
     assert sorted(m.message_id for m in children) == sorted(child_message_id("publish-1", u) for u in ids)
     assert sorted(b["userId"] for b in bodies(children)) == sorted(ids)
     for body in bodies(children):
-        assert body == {"userId": body["userId"], "teamsAppId": APP, "requestId": "publish-2.3", "ifNotInstalled": "skip"}
+        assert body == {
+            "userId": body["userId"],
+            "teamsAppId": APP,
+            "requestId": "publish-2.3",
+            "ifNotInstalled": "skip",
+        }
     assert all(m.correlation_id == "catalog" for m in children)
     assert broker.messages(DEADLETTER_QUEUE) == []
 

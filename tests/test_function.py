@@ -68,6 +68,7 @@ async def test_upgrade_by_installation_id_upgrades_and_completes(invoke, graph, 
 
 @pytest.mark.parametrize("scope", ["upn", "team", "chat"])
 async def test_every_scope_is_upgraded_at_its_own_path(invoke, graph, broker, scope):
+    words: tuple[str, ...]
     if scope == "upn":
         _, upn, installation = new_user(graph.tenant)
         body, words = {"userId": upn}, ("users", upn, "teamwork", "installedApps")

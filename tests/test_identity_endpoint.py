@@ -80,9 +80,7 @@ def test_environment_points_at_the_token_path() -> None:
     assert IdentityEndpoint().secret != IdentityEndpoint().secret
 
 
-def test_success_body_has_every_field_both_sdk_paths_need(
-    http: httpx.Client, endpoint: IdentityEndpoint
-) -> None:
+def test_success_body_has_every_field_both_sdk_paths_need(http: httpx.Client, endpoint: IdentityEndpoint) -> None:
     before = int(time.time())
 
     response = raw_get(http, endpoint)
@@ -168,9 +166,7 @@ def test_requests_record_what_was_asked_and_answered(http: httpx.Client, endpoin
 # -- steering failures --------------------------------------------------------------------------
 
 
-def test_fail_next_fails_that_many_requests_then_recovers(
-    http: httpx.Client, endpoint: IdentityEndpoint
-) -> None:
+def test_fail_next_fails_that_many_requests_then_recovers(http: httpx.Client, endpoint: IdentityEndpoint) -> None:
     endpoint.fail_next(2, status=503)
 
     statuses = [raw_get(http, endpoint).status_code for _ in range(3)]
@@ -300,9 +296,7 @@ async def test_async_credential_keeps_a_short_lived_token_for_30_seconds(
         # Move the SDK's refresh decision 31 s ahead (the token is still unexpired then).
         # This patches azure-identity 1.27 internals; the seam is private and may move.
         real_time = time.time
-        monkeypatch.setattr(
-            "azure.identity._internal.utils.time", SimpleNamespace(time=lambda: real_time() + 31)
-        )
+        monkeypatch.setattr("azure.identity._internal.utils.time", SimpleNamespace(time=lambda: real_time() + 31))
         refreshed = await credential.get_token(GRAPH_SCOPE)
 
     assert reused.token == first.token

@@ -217,9 +217,7 @@ class IdentityEndpoint:
 
         with self._lock:
             status, body = self._answer(resource, client_id, api_version, header_ok)
-            self._requests.append(
-                TokenRequest(resource, client_id, api_version, header_ok, status, time.monotonic())
-            )
+            self._requests.append(TokenRequest(resource, client_id, api_version, header_ok, status, time.monotonic()))
         return web.json_response(body, status=status)
 
     def _answer(
@@ -235,9 +233,7 @@ class IdentityEndpoint:
         if not header_ok:
             return _error(401, f"The {_HEADER} header is missing or does not match IDENTITY_HEADER.")
         if api_version != API_VERSION:
-            return _error(
-                400, f"Unsupported api-version {api_version!r}; this endpoint serves {API_VERSION}."
-            )
+            return _error(400, f"Unsupported api-version {api_version!r}; this endpoint serves {API_VERSION}.")
         if resource is None:
             return _error(400, "The 'resource' query parameter is required.")
         if self.client_id is not None and client_id != self.client_id:
