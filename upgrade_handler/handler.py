@@ -146,14 +146,7 @@ class UpgradeHandler:
         try:
             request = parse_request(delivery.body)
         except InvalidMessageError as error:
-            return await self._dead_letter(
-                delivery,
-                history,
-                context,
-                DeadLetterReason.INVALID_MESSAGE,
-                f"invalid message: {error.reason}",
-                attempts=prior_attempts,
-            )
+            return await self._invalid(delivery, history, context, error, prior_attempts)
         context["request_id"] = request.request_id
         progress = _Progress(prior_attempts, history.first_attempt_utc)
         job: Job
@@ -199,14 +192,7 @@ class UpgradeHandler:
                 token = await self.tokens.token(replacing=replaced_token)
                 return await job(token, self._inline_budget(progress))
             except InvalidMessageError as error:
-                return await self._dead_letter(
-                    delivery,
-                    history,
-                    context,
-                    DeadLetterReason.INVALID_MESSAGE,
-                    f"invalid message: {error.reason}",
-                    attempts=progress.attempts,
-                )
+                return await self._invalid(delivery, history, context, error, progress.attempts)
             except InstallationNotFoundError as error:
                 if skip_if_not_installed:
                     log_event("upgrade.skipped", **context, attempt=progress.attempts, reason=str(error))
@@ -352,6 +338,18 @@ class UpgradeHandler:
             describe(failure),
             attempts=progress.attempts,
             failure=failure,
+        )
+
+    async def _invalid(
+        self, delivery: Delivery, history: History, context: dict[str, Any], error: InvalidMessageError, attempts: int
+    ) -> Outcome:
+        return await self._dead_letter(
+            delivery,
+            history,
+            context,
+            DeadLetterReason.INVALID_MESSAGE,
+            f"invalid message: {error.reason}",
+            attempts=attempts,
         )
 
     async def _exhausted(
