@@ -39,7 +39,9 @@ class ServiceBusMessageSender:
         self._senders: dict[str, ServiceBusSender] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _open_client(self) -> ServiceBusClient:
+    @property
+    def client(self) -> ServiceBusClient:
+        """The process's one ``ServiceBusClient``, created on first use (tools open receivers on it)."""
         if self._client is None:
             if self._connection.connection_string:
                 self._client = ServiceBusClient.from_connection_string(
@@ -62,7 +64,7 @@ class ServiceBusMessageSender:
         async with lock:
             sender = self._senders.get(queue)
             if sender is None:
-                sender = self._open_client().get_queue_sender(queue)
+                sender = self.client.get_queue_sender(queue)
                 self._senders[queue] = sender
             if len(messages) == 1:
                 await sender.send_messages(messages[0])
