@@ -45,15 +45,26 @@ from .settlement import DeadLetterReason, History, dead_letter_message, describe
 INLINE_ATTEMPTS = 3
 #: Inline backoff before the n-th repeat of a 5xx or a lost connection: 0.5 s, 1 s (± 20%).
 INLINE_BACKOFF_SECONDS = 0.5
-#: Scheduled retries without a Retry-After wait 10 s * 2^(attempts-1), capped at 15 minutes,
-#: stretched by 0-20% jitter so that requests failing together do not come back together.
-BACKOFF_BASE_SECONDS = 10.0
-BACKOFF_CAP_SECONDS = 900.0
-BACKOFF_JITTER = 0.2
 #: A Graph Retry-After is honoured plus at most this share of jitter.
 RETRY_AFTER_JITTER = 0.1
 #: Deliveries remembered when the handler had to raise, so their attempts still count.
 _REMEMBERED_DELIVERIES = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """How long a scheduled retry waits when Graph gave no ``Retry-After``, in seconds.
+
+    ``base * 2^(attempts-1)``, capped at ``cap``, stretched by up to ``jitter`` (a share) so that
+    requests failing together do not come back together: 10, 20, 40, 80 s ... 15 minutes.
+    """
+
+    base: float = 10.0
+    cap: float = 900.0
+    jitter: float = 0.2
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        return float(min(self.cap, self.base * 2 ** max(0, attempts - 1)) * (1 + rng.uniform(0, self.jitter)))
 
 
 #: One attempt's work after the token: given the token and the longest acceptable throttle wait.
@@ -74,8 +85,8 @@ class _Progress:
 class UpgradeHandler:
     """Handles deliveries with one set of process-wide clients.
 
-    Every collaborator is a seam: ``graph``, ``tokens``, ``sender`` and ``clock`` default to the
-    real ones built from ``settings``; tests and tools pass their own.
+    Every collaborator is a seam: ``graph``, ``tokens``, ``sender``, ``clock`` and ``backoff``
+    default to the real ones built from ``settings``; tests and tools pass their own.
     """
 
     def __init__(
@@ -88,8 +99,10 @@ class UpgradeHandler:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         credential_factory: CredentialFactory | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self.settings = settings
+        self.backoff = backoff or Backoff()
         self.clock = clock or SystemClock()
         self.graph = graph or GraphClient(
             settings.graph_base_url,
@@ -288,8 +301,7 @@ class UpgradeHandler:
     def _retry_delay(self, failure: GraphFailure, attempts: int) -> float:
         if failure.retry_after is not None:
             return failure.retry_after * (1 + self._rng.uniform(0, RETRY_AFTER_JITTER))
-        base = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, attempts - 1))
-        return float(base * (1 + self._rng.uniform(0, BACKOFF_JITTER)))
+        return self.backoff.delay(attempts, self._rng)
 
     async def _schedule_retry(
         self,
