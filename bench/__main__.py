@@ -1,11 +1,12 @@
 """``python -m bench`` runs every benchmark at its default size; ``python -m bench NAME [options]`` one.
 
-    python -m bench                      # all five, in the order below (about 12 minutes)
+    python -m bench                      # all six, in the order below (about 12 minutes + fanout's ~25)
     python -m bench throughput --size 1000 --processes 4
     python -m bench coldstart --runs 7
     python -m bench footprint
     python -m bench soak --size 5000
     python -m bench fuzz --size 10000
+    python -m bench fanout --size 20000 --seed 1
 
 Figures go to the terminal and to bench/results/<name>.json. The comparisons need msgraph-sdk
 (``.venv/bin/pip install -r bench/requirements.txt``); without it, pass --skip-sdk to
@@ -19,7 +20,7 @@ import sys
 import time
 
 #: Footprint before cold start: cold start runs each function in the environment footprint built.
-ORDER = ("throughput", "footprint", "coldstart", "soak", "fuzz")
+ORDER = ("throughput", "footprint", "coldstart", "soak", "fuzz", "fanout")
 
 
 def main(argv: list[str]) -> None:
