@@ -38,6 +38,11 @@ APP = "12345678-aaaa-4bbb-8ccc-1234567890ab"
 APP_EXTERNAL = "com.contoso.helpdesk"
 #: The Functions host's ``maxConcurrentCalls`` in host.json.
 HOST_CONCURRENCY = 16
+#: Graph as the throughput and fan-out benchmarks simulate it: 30 requests per sliding
+#: one-second window per tenant (throttled calls count), 150 ms +- 50 ms latency.
+LIMIT = 30
+WINDOW = 1.0
+LATENCY, JITTER = 0.150, 0.050
 
 
 def quiet_logs() -> None:

@@ -40,9 +40,13 @@ from bench._common import (
     APP,
     DEADLETTER_QUEUE,
     HOST_CONCURRENCY,
+    JITTER,
+    LATENCY,
+    LIMIT,
     MI_CLIENT_ID,
     ROOT,
     UPGRADE_QUEUE,
+    WINDOW,
     quiet_logs,
     stand_ins,
     table,
@@ -60,9 +64,6 @@ from upgrade_handler.ratelimit import AdaptiveRateLimiter
 from upgrade_handler.servicebus import ServiceBusMessageSender
 from upgrade_handler.settings import Settings
 
-LIMIT = 30  # requests per window per tenant
-WINDOW = 1.0
-LATENCY, JITTER = 0.150, 0.050
 #: The run is bounded by this many times its floor, plus a margin.
 DEADLINE_FACTOR = 1.5
 DEADLINE_MARGIN = 120.0

@@ -35,8 +35,12 @@ import httpx
 
 from bench._common import (
     HOST_CONCURRENCY,
+    JITTER,
+    LATENCY,
+    LIMIT,
     MI_CLIENT_ID,
     ROOT,
+    WINDOW,
     LocalHost,
     add_users,
     environment,
@@ -51,9 +55,6 @@ from bench._common import (
 from upgrade_handler.devtools.graph_simulator import GraphSimulator
 from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
 
-LIMIT = 30  # requests per window per tenant
-WINDOW = 1.0
-LATENCY, JITTER = 0.150, 0.050
 #: Bounds: no run may take longer than this many times its floor (plus a minute).
 DEADLINE_FACTOR = 6.0
 #: The plain loop gives up on a request after this many 429s.
