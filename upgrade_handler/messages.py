@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 from .errors import InvalidMessageError
 
@@ -288,12 +288,9 @@ def _skip_if_not_installed(request: Mapping[str, Any]) -> bool:
     value = request.get("ifNotInstalled")
     if value is None:
         return False
-    choice: Literal["deadletter", "skip"] | None = None
-    if isinstance(value, str) and value.lower() in ("deadletter", "skip"):
-        choice = "skip" if value.lower() == "skip" else "deadletter"
-    if choice is None:
+    if not isinstance(value, str) or value.lower() not in ("deadletter", "skip"):
         raise InvalidMessageError("ifNotInstalled must be deadletter or skip")
-    return choice == "skip"
+    return value.lower() == "skip"
 
 
 def _user_ids(value: Any) -> tuple[str, ...]:
