@@ -14,7 +14,6 @@ import logging
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from azure.servicebus import ServiceBusMessage
 
@@ -68,12 +67,12 @@ class FanOut:
             await self._enqueue(request.user_ids, next_link=None)
             return Outcome.FANNED_OUT
         url = request.next_link or self._first_page_url(request.group_id)
-        if not self._is_own_graph_url(url):
+        if not self._handler.graph.owns(url):
             raise InvalidMessageError(f"{NEXT_LINK_FIELD} does not point at the configured Graph API")
         page, call = await self._handler.graph.get_page(url, token, max_gate_wait=gate_wait)
         users = self._member_ids(page)
         next_link = page.get("@odata.nextLink")
-        if next_link is not None and not (isinstance(next_link, str) and self._is_own_graph_url(next_link)):
+        if next_link is not None and not (isinstance(next_link, str) and self._handler.graph.owns(next_link)):
             raise PermanentGraphError(
                 GraphFailure(
                     status=call.status,
@@ -91,21 +90,6 @@ class FanOut:
         return (
             f"{base}/{API_VERSION}/groups/{segment(group_id)}/transitiveMembers/microsoft.graph.user"
             "?$select=id&$top=999"
-        )
-
-    def _is_own_graph_url(self, url: str) -> bool:
-        base = urlsplit(self._handler.graph.base_url)
-        try:
-            link = urlsplit(url)
-            same_port = link.port == base.port
-        except ValueError:
-            return False
-        return (
-            link.scheme == base.scheme
-            and link.hostname == base.hostname
-            and same_port
-            and link.username is None
-            and link.path.startswith(f"/{API_VERSION}/")
         )
 
     @staticmethod

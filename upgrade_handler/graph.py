@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -149,8 +149,8 @@ class GraphClient:
         self, url: str, token: str, *, max_gate_wait: float = float("inf")
     ) -> tuple[dict[str, Any], GraphCall]:
         """GET a URL that the caller built from this client's base URL (paging), as JSON."""
-        if not url.startswith(self._base_url + "/"):
-            raise ValueError("refusing a URL outside the configured Graph base")
+        if not self.owns(url):
+            raise ValueError("refusing a URL outside the configured Graph API")
         response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
         try:
             document = json.loads(response.content)
@@ -161,6 +161,23 @@ class GraphClient:
                 _failure_from(response, call, code="UnreadableResponse", message=f"page unreadable: {error}")
             ) from None
         return document, call
+
+    def owns(self, url: str) -> bool:
+        """Whether ``url`` is on the configured Graph: same scheme, host and port, no user info,
+        and the API version this client speaks (a paging link from Graph must be, to be followed)."""
+        base = urlsplit(self._base_url)
+        try:
+            link = urlsplit(url)
+            same_port = link.port == base.port
+        except ValueError:
+            return False
+        return (
+            link.scheme == base.scheme
+            and link.hostname == base.hostname
+            and same_port
+            and link.username is None
+            and link.path.startswith(f"/{API_VERSION}/")
+        )
 
     @property
     def base_url(self) -> str:
