@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -28,7 +28,23 @@ DEFAULTS: dict[str, str | None] = {
     "UPGRADE_MAX_INLINE_WAIT_SECONDS": "10",
     "UPGRADE_MAX_DELIVERY_COUNT": "5",
     "GRAPH_MAX_REQUESTS_PER_SECOND": "30",
+    "UPGRADE_MAX_RETRY_HOURS": "24",
+    "UPGRADE_MAX_BUDGET_WAIT_SECONDS": "240",
+    "GRAPH_BUDGET_TABLE": "graphbudget",
+    "ROLLOUT_TABLE": "rollouts",
+    "AzureWebJobsStorage": None,
+    "AzureWebJobsStorage__accountName": None,
+    "AzureWebJobsStorage__tableServiceUri": None,
+    "AzureWebJobsStorage__credential": None,
+    "AzureWebJobsStorage__clientId": None,
 }
+
+#: Azurite's well-known development account (published in its README), for ``UseDevelopmentStorage=true``.
+DEVELOPMENT_STORAGE = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+)
 
 #: The Microsoft Graph cloud roots a deployment may call.
 GRAPH_CLOUD_ROOTS = (
@@ -61,6 +77,15 @@ class ServiceBusConnection:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageConnection:
+    """How to reach the app's own Table service: a connection string, or a table endpoint and identity."""
+
+    connection_string: str | None = None
+    table_service_uri: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     upgrade_queue: str
     deadletter_queue: str
@@ -73,6 +98,14 @@ class Settings:
     max_delivery_count: int
     max_requests_per_second: float
     service_bus: ServiceBusConnection
+    max_retry_hours: float = 24.0
+    """No retry is scheduled to come due later than this after the first attempt (§2)."""
+    max_budget_wait_seconds: float = 240.0
+    """The longest one invocation waits for its turn in the shared Graph budget (§7)."""
+    budget_table: str = "graphbudget"
+    rollout_table: str = "rollouts"
+    storage: StorageConnection | None = None
+    """The app's storage account (``AzureWebJobsStorage``); ``None``: no shared budget, no ledger."""
 
     @property
     def graph_is_local(self) -> bool:
@@ -108,7 +141,20 @@ class Settings:
                 get("ServiceBusConnection__fullyQualifiedNamespace"),
                 get("ServiceBusConnection__clientId"),
             ),
+            max_retry_hours=_bounded_number("UPGRADE_MAX_RETRY_HOURS", get("UPGRADE_MAX_RETRY_HOURS"), 1 / 60, 24 * 14),
+            max_budget_wait_seconds=_number(
+                "UPGRADE_MAX_BUDGET_WAIT_SECONDS", get("UPGRADE_MAX_BUDGET_WAIT_SECONDS"), maximum=BUDGET_WAIT_LIMIT
+            ),
+            budget_table=_table_name("GRAPH_BUDGET_TABLE", get("GRAPH_BUDGET_TABLE")),
+            rollout_table=_table_name("ROLLOUT_TABLE", get("ROLLOUT_TABLE")),
+            storage=_storage(get),
         )
+
+
+#: ``functionTimeout`` and ``maxAutoLockRenewalDuration`` in host.json are 5 minutes: a budget wait must end
+#: well inside them, leaving time for the Graph call (30 s) and the settling send (30 s).
+BUDGET_WAIT_LIMIT = 240.0
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
 
 
 def _graph_base_url(raw: str) -> tuple[str, str]:
@@ -207,3 +253,57 @@ def _service_bus(connection_string: str | None, namespace: str | None, client_id
         "neither ServiceBusConnection (a connection string) nor "
         "ServiceBusConnection__fullyQualifiedNamespace (managed identity) is set",
     )
+
+
+def _bounded_number(setting: str, value: str | None, minimum: float, maximum: float) -> float:
+    try:
+        number = float(value or "")
+    except ValueError:
+        raise ConfigurationError(setting, f"{value!r} is not a number") from None
+    if not math.isfinite(number) or not minimum <= number <= maximum:
+        raise ConfigurationError(setting, f"{value!r} must be between {minimum:g} and {maximum:g}")
+    return number
+
+
+def _table_name(setting: str, value: str | None) -> str:
+    if not value or not _TABLE_NAME.fullmatch(value):
+        raise ConfigurationError(setting, f"{value!r} is not a table name (3 to 63 letters and digits, a letter first)")
+    return value
+
+
+def _storage(get: Callable[[str], str | None]) -> StorageConnection | None:
+    """``AzureWebJobsStorage`` in the forms the Functions host accepts, or ``None`` when it is not set."""
+    connection_string = get("AzureWebJobsStorage")
+    if connection_string:
+        fields = {
+            key.strip().lower(): value.strip()
+            for key, _, value in (part.partition("=") for part in connection_string.split(";"))
+            if key.strip()
+        }
+        if fields.get("usedevelopmentstorage", "").lower() == "true":
+            return StorageConnection(connection_string=DEVELOPMENT_STORAGE)
+        if not fields.get("accountname") or not (fields.get("accountkey") or fields.get("sharedaccesssignature")):
+            raise ConfigurationError(
+                "AzureWebJobsStorage", "is not a storage connection string (no AccountName and AccountKey)"
+            )
+        return StorageConnection(connection_string=connection_string)
+    uri, account = get("AzureWebJobsStorage__tableServiceUri"), get("AzureWebJobsStorage__accountName")
+    if uri is None and account is None:
+        return None
+    if uri is None:
+        assert account is not None
+        if not re.fullmatch(r"[a-z0-9]{3,24}", account):
+            raise ConfigurationError(
+                "AzureWebJobsStorage__accountName", f"{account!r} is not a storage account name (3 to 24 a-z 0-9)"
+            )
+        uri = f"https://{account}.table.core.windows.net"
+    parts = urlsplit(uri)
+    if parts.scheme != "https" or not parts.hostname or parts.username or parts.query:
+        raise ConfigurationError("AzureWebJobsStorage__tableServiceUri", f"{uri!r} is not an https table endpoint")
+    credential = get("AzureWebJobsStorage__credential")
+    if credential is not None and credential.lower() != "managedidentity":
+        raise ConfigurationError(
+            "AzureWebJobsStorage__credential", f"{credential!r}: only managedidentity is supported"
+        )
+    client_id = _client_id("AzureWebJobsStorage__clientId", get("AzureWebJobsStorage__clientId"))
+    return StorageConnection(table_service_uri=uri.rstrip("/"), client_id=client_id)
