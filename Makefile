@@ -6,11 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test lint demo bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# npm ci: Azurite, the storage emulator the shared budget's tests and benchmarks run against, as package-lock.json pins it.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml package.json package-lock.json
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	npm ci --no-audit --no-fund
 	touch $(STAMP)
 
 setup: $(STAMP)
