@@ -3,10 +3,16 @@
 Every URL is the configured base URL, a fixed API version and fixed path words, with each id
 percent-encoded as exactly one path segment (RFC 6570 simple expansion, as the Graph SDKs do),
 so nothing from a message can reach another host, version or path.
+
+Every request is bounded as a whole (contract §2): connected within 5 s and answered, body and
+all, within 30 s however slowly the bytes arrive; past that it is a :class:`GraphTimeout`. Any
+other failure of the HTTP client (connection, protocol, a body that cannot be decoded) is a
+:class:`GraphConnectionError`: nothing from ``httpx`` reaches the caller unclassified.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -32,8 +38,10 @@ from .ratelimit import AdaptiveRateLimiter, GateClosed
 
 API_VERSION = "v1.0"
 USER_AGENT = f"teams-app-upgrader/{__version__}"
-#: Connect within 5 s, finish the whole request within 30 s (contract §2).
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+#: The whole request, from asking the pool for a connection to the last byte of the answer.
+REQUEST_TIMEOUT_SECONDS = 30.0
+#: httpx's own limits apply to each step (connect, each read or write) inside that bound.
+TIMEOUT = httpx.Timeout(REQUEST_TIMEOUT_SECONDS, connect=5.0)
 LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=60)
 
 
@@ -92,6 +100,8 @@ class GraphClient:
 
     ``http`` is the seam for tests and tools; by default one client with explicit timeouts and
     connection limits is created. ``limiter`` paces calls across the whole process.
+    ``request_timeout`` bounds each request as a whole, in seconds; ``timeout`` is httpx's limit
+    for each step of it (connect, each read).
     """
 
     def __init__(
@@ -101,8 +111,12 @@ class GraphClient:
         limiter: AdaptiveRateLimiter,
         http: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout = TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT_SECONDS,
     ) -> None:
+        if not request_timeout > 0:
+            raise ValueError("request_timeout must be positive")
         self._base_url = base_url.rstrip("/")
+        self._request_timeout = request_timeout
         self.limiter = limiter
         self._http = http or httpx.AsyncClient(timeout=timeout, limits=LIMITS, follow_redirects=False, trust_env=False)
 
@@ -218,12 +232,18 @@ class GraphClient:
             ) from None
         started = time.monotonic()
         try:
-            response = await self._http.request(method, url, headers=headers, content=content)
+            async with asyncio.timeout(self._request_timeout):
+                response = await self._http.request(method, url, headers=headers, content=content)
+        except TimeoutError:
+            detail = f"no complete answer within {self._request_timeout:g} s"
+            raise _transport_failure(GraphTimeout, "Timeout", detail, client_request_id) from None
         except httpx.ConnectTimeout as error:
+            # Nothing was sent: as safe to repeat at once as a refused connection.
             raise _transport_failure(GraphConnectionError, "ConnectionError", error, client_request_id) from None
         except httpx.TimeoutException as error:
             raise _transport_failure(GraphTimeout, "Timeout", error, client_request_id) from None
-        except httpx.TransportError as error:
+        except httpx.HTTPError as error:
+            # Transport and protocol errors, a body that cannot be decoded, too many redirects.
             raise _transport_failure(GraphConnectionError, "ConnectionError", error, client_request_id) from None
         call = GraphCall(
             status=response.status_code,
@@ -243,9 +263,9 @@ class GraphClient:
 
 
 def _transport_failure(
-    kind: type[TransientGraphError], code: str, error: Exception, client_request_id: str
+    kind: type[TransientGraphError], code: str, error: Exception | str, client_request_id: str
 ) -> GraphError:
-    detail = str(error) or type(error).__name__
+    detail = error if isinstance(error, str) else str(error) or type(error).__name__
     return kind(GraphFailure(status=None, code=code, message=detail, client_request_id=client_request_id))
 
 
