@@ -262,3 +262,109 @@ async def test_a_gate_longer_than_the_caller_may_wait_raises_gate_closed():
     assert clock.sleeps == []
     await pacing.acquire(max_gate_wait=30.0)  # exactly as long is short enough: it waits
     assert clock.sleeps == pytest.approx([30.0])
+
+
+class SteppedClock:
+    """A clock for concurrent sleepers: time moves only through :meth:`run_until`, which wakes
+    the sleepers in the order of their wake times (a FakeClock moves on each sleep in turn)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + seconds, woken))
+        await woken
+
+    @property
+    def wake_times(self) -> list[float]:
+        return sorted(wake for wake, _ in self._sleepers)
+
+    async def run_until(self, moment: float) -> None:
+        while due := sorted((s for s in self._sleepers if s[0] <= moment), key=lambda s: s[0]):
+            self._sleepers.remove(due[0])
+            self.now = due[0][0]
+            due[0][1].set_result(None)
+            for _ in range(5):  # let the woken call finish its step (send, or sleep again)
+                await asyncio.sleep(0)
+        self.now = moment
+
+
+async def calls_waiting_for_their_slots(count: int, max_gate_wait: float = float("inf")):
+    """``count`` calls asleep until their slots, 0.5 s apart, after one that went at once."""
+    clock = SteppedClock()
+    pacing = AdaptiveRateLimiter(2.0 / ratelimit.HEADROOM, clock=clock.monotonic, sleep=clock.sleep)
+    await pacing.acquire()
+    sends: list[float] = []
+
+    async def call() -> None:
+        await pacing.acquire(max_gate_wait)
+        sends.append(clock.monotonic())
+
+    waiting = [asyncio.ensure_future(call()) for _ in range(count)]
+    for _ in range(count + 1):
+        await asyncio.sleep(0)
+    return clock, pacing, waiting, sends
+
+
+async def test_a_429_while_calls_wait_for_their_slots_holds_them_until_the_gate_opens():
+    # Given four calls waiting for their slots, 0.5, 1.0, 1.5 and 2.0 s from now
+    clock, pacing, waiting, sends = await calls_waiting_for_their_slots(4)
+    assert clock.wake_times == pytest.approx([1_000.5, 1_001.0, 1_001.5, 1_002.0])
+
+    # When a 429 shuts the gate for 5 s at 0.2 s
+    await clock.run_until(1_000.2)
+    pacing.on_throttled(5.0)
+    await clock.run_until(1_100.0)
+    await asyncio.gather(*waiting)
+
+    # Then none of them is sent into the shut gate; each goes after it, in a slot of its own.
+    assert len(sends) == 4
+    assert min(sends) >= 1_005.2
+    assert len(set(sends)) == 4
+
+
+async def test_a_call_that_the_gate_would_hold_past_its_wait_budget_is_told_so():
+    clock, pacing, waiting, sends = await calls_waiting_for_their_slots(1, max_gate_wait=3.0)
+    await clock.run_until(1_000.2)
+    pacing.on_throttled(5.0)
+    await clock.run_until(1_100.0)
+    with pytest.raises(GateClosed) as closed:
+        await waiting[0]
+    # Told at its slot (0.5 s), when the gate had 4.7 s to go.
+    assert closed.value.remaining == pytest.approx(4.7)
+    assert sends == []
+
+
+async def test_a_call_that_waited_for_its_slot_has_that_much_less_budget_for_the_gate():
+    # Given a call with 5 s of budget, asleep until its slot 0.5 s from now
+    clock, pacing, waiting, sends = await calls_waiting_for_their_slots(1, max_gate_wait=5.0)
+    # When a 429 at its slot shuts the gate for 4.8 s (less than 5, more than the 4.5 left)
+    await clock.run_until(1_000.5 - 1e-9)
+    pacing.on_throttled(4.8)
+    await clock.run_until(1_100.0)
+    # Then it does not wait: its waits together would pass its budget.
+    with pytest.raises(GateClosed):
+        await waiting[0]
+    assert sends == []
+
+
+@pytest.mark.parametrize("retry_after", [3600.0, 86400.0 * 10, 1e300, float("inf")])
+def test_one_429_shuts_the_gate_for_at_most_fifteen_minutes(retry_after: float):
+    clock = FakeClock()
+    pacing = limiter(clock)
+    pacing.on_throttled(retry_after)
+    assert clock.monotonic() < pacing.gate_until <= clock.monotonic() + ratelimit.MAX_GATE_SECONDS
+
+
+@pytest.mark.parametrize("retry_after", [float("nan"), -5.0])
+def test_a_retry_after_that_is_no_duration_shuts_the_gate_for_the_default(retry_after: float):
+    clock = FakeClock()
+    pacing = limiter(clock)
+    pacing.on_throttled(retry_after)
+    assert pacing.gate_until <= clock.monotonic() + ratelimit.DEFAULT_THROTTLE_SECONDS
+    assert pacing.gate_until == pacing.gate_until  # a number, not NaN

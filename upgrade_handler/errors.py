@@ -33,6 +33,11 @@ from typing import Any
 #: retry (research/graph.md §2.4).
 _BACKEND_FLAKE = re.compile(r"failed to execute [a-z ]*request", re.IGNORECASE)
 _TRANSIENT_STATUSES = frozenset({408, 423, 429})
+#: ``Retry-After`` as delta-seconds: digits, with a decimal part as Graph sometimes sends.
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
+#: The longest wait a ``Retry-After`` is read as: far past any retry horizon (24 h by default),
+#: so a longer one still ends the request, while every date and clock can hold it.
+MAX_RETRY_AFTER_SECONDS = 10 * 24 * 3600.0
 
 
 class UpgradeError(Exception):
@@ -139,29 +144,27 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     """Seconds to wait from a ``Retry-After`` header, or ``None`` when absent or unreadable.
 
     Accepts an integer (``10``), a decimal (``2.128``), a list (``30,120``: the largest counts)
-    and an HTTP date (seconds from ``now``, epoch seconds, never negative).
+    and an HTTP date (seconds from ``now``, epoch seconds, never negative). Never raises: any
+    other value (negative, ``nan``, garbage) is unreadable, and a wait longer than
+    ``MAX_RETRY_AFTER_SECONDS`` (``1e400``, ``Fri, 31 Dec 9999 …``) is that long, so the result
+    is always a finite number that a clock or a ``timedelta`` can take.
     """
     if value is None or not value.strip():
         return None
-    numbers: list[float] = []
-    for part in value.split(","):
-        try:
-            number = float(part.strip())
-        except ValueError:
-            numbers = []
-            break
-        if not math.isfinite(number) or number < 0:
-            return None
-        numbers.append(number)
-    if numbers:
-        return max(numbers)
+    numbers = [part.strip() for part in value.split(",")]
+    if all(_SECONDS.fullmatch(number) for number in numbers):
+        # A long run of digits is infinite as a float, and still only "later than the horizon".
+        return min(max(float(number) for number in numbers), MAX_RETRY_AFTER_SECONDS)
     try:
         when = parsedate_to_datetime(value.strip())
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
         return None
-    if when.tzinfo is None:
+    if not math.isfinite(seconds):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
 
 
 def _error_object(body: bytes) -> dict[str, Any]:

@@ -6,7 +6,8 @@ waits for a slot first:
 
 - slots are spaced ``1 / rate`` seconds apart (no bursts); the rate starts a little below the
   configured maximum (``HEADROOM``);
-- a 429 shuts the gate for every caller in the process until its ``Retry-After`` has passed;
+- a 429 shuts the gate for every caller in the process until its ``Retry-After`` has passed
+  (at most ``MAX_GATE_SECONDS``), including callers already waiting for their slot;
 - a 429 is a *congestion event* only when its call was sent long enough after the last decrease
   for Graph's window to have slid past the calls sent at the old rate: calls already in flight,
   and the rest of one closing of the gate, are not news. Each event multiplies the rate by
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -32,6 +34,10 @@ from collections.abc import Awaitable, Callable
 MIN_RATE = 1.0
 #: Without a Retry-After a 429 still shuts the gate this long.
 DEFAULT_THROTTLE_SECONDS = 1.0
+#: One answer shuts the gate for at most this long (contract §2: the longest scheduled backoff),
+#: however far in the future its Retry-After lies: a request that must wait longer is the
+#: handler's to schedule or end, not a reason to stop every other call in the process.
+MAX_GATE_SECONDS = 900.0
 #: The limiter starts at this share of its maximum: latency jitter at Graph bunches calls sent
 #: at an even 30/s into 31 within some one-second windows; at 92% of the limit hardly any are.
 HEADROOM = 0.92
@@ -112,16 +118,25 @@ class AdaptiveRateLimiter:
         """Wait until this caller may send one request.
 
         Raises :class:`GateClosed` instead of waiting when the throttle gate stays shut longer
-        than ``max_gate_wait``: such a wait belongs to a scheduled retry, not to this call.
+        than ``max_gate_wait`` seconds, less what this call has already waited: such a wait
+        belongs to a scheduled retry, not to this call. A 429 that shuts the gate while the call
+        waits for its slot sends it to the back of the gate, as if it had just arrived.
         """
-        now = self._clock()
-        if self._gate_until - now > max_gate_wait:
-            raise GateClosed(self._gate_until - now)
-        slot = max(now, self._next_slot, self._gate_until)
-        self._next_slot = slot + 1.0 / self.rate
-        _SENT_AT.set(slot)
-        if slot > now:
+        arrived = self._clock()
+        now = arrived
+        while True:
+            left = max_gate_wait - (now - arrived)
+            if self._gate_until - now > left:
+                raise GateClosed(self._gate_until - now)
+            slot = max(now, self._next_slot, self._gate_until)
+            self._next_slot = slot + 1.0 / self.rate
+            _SENT_AT.set(slot)
+            if slot <= now:
+                return
             await self._sleep(slot - now)
+            if self._gate_until <= slot:
+                return
+            now = self._clock()  # the gate was shut meanwhile: this slot is inside it
 
     def on_success(self) -> None:
         self._observe(throttled=False)
@@ -133,7 +148,10 @@ class AdaptiveRateLimiter:
     def on_throttled(self, retry_after: float | None) -> None:
         self._observe(throttled=True)
         now = self._clock()
-        wait = DEFAULT_THROTTLE_SECONDS if retry_after is None else retry_after
+        if retry_after is None or not math.isfinite(retry_after):
+            wait = DEFAULT_THROTTLE_SECONDS
+        else:
+            wait = min(max(0.0, retry_after), MAX_GATE_SECONDS)
         sent_at = _SENT_AT.get(None)
         if sent_at is None:  # not paced by this limiter: tell events apart by the gate and the time
             news = now >= self._gate_until and now - self._decreased_at >= self._holdoff
