@@ -237,6 +237,7 @@ def test_dead_letter_properties_of_a_graph_rejection() -> None:
         "DeadLetterReason": "GraphRequestRejected",
         "DeadLetterErrorDescription": DESCRIPTION,
         "UpgradeAttempts": 2,
+        "DeferredAttempts": 0,
         "FailedAtUtc": "2026-11-29T15:06:07.890Z",
         "OriginalMessageId": MESSAGE_ID,
         "OriginalEnqueuedTimeUtc": "2026-11-29T15:04:05.123Z",
@@ -444,6 +445,7 @@ def test_first_retry_copies_the_message_and_adds_the_bookkeeping() -> None:
         "FirstAttemptUtc": FIRST_ATTEMPT,
         "LastErrorStatus": 429,
         "LastErrorCode": "TooManyRequests",
+        "DeferredAttempts": 0,
     }
 
 
@@ -513,7 +515,43 @@ def test_history_of_a_retry_copy() -> None:
         original_message_id=MESSAGE_ID,
         original_enqueued_time_utc="2026-11-29T15:04:05.123Z",
         first_attempt_utc=FIRST_ATTEMPT,
+        last_error_status=429,
     )
+
+
+def test_history_reads_deferred_attempts_and_never_more_than_the_attempts() -> None:
+    properties = {"UpgradeAttempts": 3, "DeferredAttempts": "2", "OriginalMessageId": "first"}
+    assert History.of(producer_delivery(application_properties=properties)).deferred_attempts == 2
+    properties = {"UpgradeAttempts": 1, "DeferredAttempts": 5, "OriginalMessageId": "first"}
+    assert History.of(producer_delivery(application_properties=properties)).deferred_attempts == 1
+    properties = {"UpgradeAttempts": 4, "DeferredAttempts": "lots", "OriginalMessageId": "first"}
+    assert History.of(producer_delivery(application_properties=properties)).deferred_attempts == 0
+
+
+def test_retry_and_dead_letter_carry_the_deferred_attempts() -> None:
+    delivery = producer_delivery()
+    retry = retry_message(
+        delivery,
+        History.of(delivery),
+        attempts=5,
+        first_attempt_utc=FIRST_ATTEMPT,
+        failure=THROTTLED,
+        not_before=ENQUEUED,
+        deferred_attempts=4,
+    )
+    assert properties(retry)["DeferredAttempts"] == 4
+    redelivered = received(retry, enqueued=ENQUEUED)
+    letter = dead_letter_message(
+        redelivered,
+        History.of(redelivered),
+        reason=DeadLetterReason.RETRIES_EXHAUSTED,
+        description=DESCRIPTION,
+        attempts=6,
+        failed_at=FAILED_AT,
+        deferred_attempts=5,
+    )
+    assert properties(letter)["DeferredAttempts"] == 5
+    assert properties(letter)["UpgradeAttempts"] == 6
 
 
 def test_history_reads_attempts_that_came_back_as_text() -> None:

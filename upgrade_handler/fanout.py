@@ -13,27 +13,31 @@ import json
 import logging
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import Any
 
 from azure.servicebus import ServiceBusMessage
 
-from .delivery import Delivery
+from .context import DeliveryContext
 from .errors import GraphFailure, InvalidMessageError, PermanentGraphError
-from .graph import API_VERSION, segment
+from .graph import API_VERSION, GraphClient, segment
 from .logs import log_event
 from .messages import NEXT_LINK_FIELD, FanOutRequest, validate_user_id
 from .outcome import Outcome
-from .settlement import History, carry_property
-
-if TYPE_CHECKING:
-    from .handler import UpgradeHandler
+from .schedule import Timeline, due_times
+from .settlement import BOOKKEEPING, carry_property, count_property
 
 #: Namespace of the derived message ids (a fixed, project-specific UUID).
 _IDS = uuid.UUID("5f0f7c1e-3c1a-4d39-9a59-0b6f4c7a2e11")
 #: Where a continuation records which page it is, so its id is stable across redeliveries.
 PAGE_PROPERTY = "FanOutPage"
-#: Set on every child: the message id of the request that named the users.
+#: Set on every child and continuation: the message id of the request that named the users.
 PARENT_PROPERTY = "FanOutParentMessageId"
+#: Graph calls one child makes: the lookup of its installation, then the upgrade.
+CHILD_CALLS = 2
+#: A group's continuation comes due this long before its page's last child, so that the next page
+#: is read just in time and the tenant's timeline has no gap (§6).
+CONTINUATION_LEAD = timedelta(seconds=10)
 
 
 def child_message_id(parent_message_id: str, user_id: str) -> str:
@@ -45,34 +49,25 @@ def continuation_message_id(parent_message_id: str, page: int) -> str:
 
 
 class FanOut:
-    """One attempt at a fan-out request; called by the handler with a token (see ``Job``)."""
+    """One attempt at a fan-out request, given a token and the longest acceptable gate wait."""
 
-    def __init__(
-        self,
-        handler: UpgradeHandler,
-        delivery: Delivery,
-        history: History,
-        request: FanOutRequest,
-        context: dict[str, Any],
-    ) -> None:
-        self._handler = handler
-        self._delivery = delivery
-        self._history = history
+    def __init__(self, graph: GraphClient, request: FanOutRequest, timeline: Timeline) -> None:
+        self._graph = graph
         self._request = request
-        self._context = context
+        self._timeline = timeline
 
-    async def __call__(self, token: str, gate_wait: float) -> Outcome:
+    async def __call__(self, context: DeliveryContext, token: str, gate_wait: float) -> Outcome:
         request = self._request
         if request.group_id is None:
-            await self._enqueue(request.user_ids, next_link=None)
+            await self._enqueue(context, request.user_ids, next_link=None)
             return Outcome.FANNED_OUT
         url = request.next_link or self._first_page_url(request.group_id)
-        if not self._handler.graph.owns(url):
+        if not self._graph.owns(url):
             raise InvalidMessageError(f"{NEXT_LINK_FIELD} does not point at the configured Graph API")
-        page, call = await self._handler.graph.get_page(url, token, max_gate_wait=gate_wait)
+        page, call = await self._graph.get_page(url, token, max_gate_wait=gate_wait)
         users = self._member_ids(page)
         next_link = page.get("@odata.nextLink")
-        if next_link is not None and not (isinstance(next_link, str) and self._handler.graph.owns(next_link)):
+        if next_link is not None and not (isinstance(next_link, str) and self._graph.owns(next_link)):
             raise PermanentGraphError(
                 GraphFailure(
                     status=call.status,
@@ -82,11 +77,11 @@ class FanOut:
                     client_request_id=call.client_request_id,
                 )
             )
-        await self._enqueue(users, next_link=next_link)
+        await self._enqueue(context, users, next_link=next_link)
         return Outcome.FANNED_OUT
 
     def _first_page_url(self, group_id: str) -> str:
-        base = self._handler.graph.base_url
+        base = self._graph.base_url
         return (
             f"{base}/{API_VERSION}/groups/{segment(group_id)}/transitiveMembers/microsoft.graph.user"
             "?$select=id&$top=999"
@@ -106,43 +101,67 @@ class FanOut:
                 log_event("upgrade.fanout_member_skipped", logging.WARNING, reason=error.reason)
         return ids
 
-    async def _enqueue(self, user_ids: Iterable[str], *, next_link: str | None) -> None:
-        request, delivery = self._request, self._delivery
-        parent_id = self._history.original_message_id
-        base_properties = {
+    async def _enqueue(self, context: DeliveryContext, user_ids: Iterable[str], *, next_link: str | None) -> None:
+        request, properties = self._request, context.delivery.application_properties
+        root_id = self._root_id(context)
+        # Children and continuations are requests of their own (§6): none of this request's retry
+        # bookkeeping goes with them, so their retries and dead letters are named after their own ids.
+        carried = {
             key: carry_property(value)
-            for key, value in delivery.application_properties.items()
-            if key not in (PAGE_PROPERTY, "UpgradeAttempts", "FirstAttemptUtc", "LastErrorStatus", "LastErrorCode")
+            for key, value in properties.items()
+            if key not in BOOKKEEPING and key not in (PAGE_PROPERTY, PARENT_PROPERTY)
         }
-        base_properties.setdefault("OriginalMessageId", parent_id)
+        carried[PARENT_PROPERTY] = root_id
+        users = list(user_ids)
+        now = context.settler.clock.now()
+        start = await self._timeline.reserve(len(users) * CHILD_CALLS) if users else now
+        due = due_times(start, len(users), CHILD_CALLS, self._timeline.rate)
         children = [
             self._message(
+                context,
                 {"userId": user_id, "ifNotInstalled": "skip"},
-                child_message_id(parent_id, user_id),
-                {**base_properties, PARENT_PROPERTY: parent_id, "OriginalMessageId": None},
+                child_message_id(root_id, user_id),
+                carried,
+                due=when,
             )
-            for user_id in user_ids
+            for user_id, when in zip(users, due, strict=True)
         ]
-        sender, queue = self._handler.sender, self._handler.settings.upgrade_queue
-        await sender.send(queue, children)
-        page = int(delivery.application_properties.get(PAGE_PROPERTY, 1) or 1)
+        await context.enqueue(children)
+        page = count_property(properties.get(PAGE_PROPERTY)) or 1
         continuation = None
         if next_link is not None:
             continuation = self._message(
+                context,
                 {"groupId": request.group_id, NEXT_LINK_FIELD: next_link},
-                continuation_message_id(parent_id, page + 1),
-                {**base_properties, PAGE_PROPERTY: page + 1},
+                continuation_message_id(root_id, page + 1),
+                {**carried, PAGE_PROPERTY: page + 1},
+                due=due[-1] - CONTINUATION_LEAD if due else None,
             )
-            await sender.send(queue, [continuation])
-        log_event(
+            await context.enqueue([continuation])
+        context.log_event(
             "upgrade.fanned_out",
-            **self._context,
             children=len(children),
             page=page if request.group_id else None,
             continuation_message_id=continuation.message_id if continuation else None,
         )
 
-    def _message(self, fields: dict[str, Any], message_id: str, properties: dict[str, Any]) -> ServiceBusMessage:
+    def _root_id(self, context: DeliveryContext) -> str:
+        """The id of the message that named the users: this request's own first message id, or for a
+        continuation the fan-out's first message, which every child and continuation derives its id from."""
+        parent = context.delivery.application_properties.get(PARENT_PROPERTY)
+        if self._request.next_link is not None and isinstance(parent, str) and parent:
+            return parent
+        return context.history.original_message_id
+
+    def _message(
+        self,
+        context: DeliveryContext,
+        fields: dict[str, Any],
+        message_id: str,
+        properties: dict[str, Any],
+        *,
+        due: datetime | None,
+    ) -> ServiceBusMessage:
         request = self._request
         body: dict[str, Any] = {**fields, request.app.kind.value: request.app.value}
         if request.consented_permission_set is not None:
@@ -153,6 +172,8 @@ class FanOut:
             json.dumps(body, separators=(",", ":")).encode(),
             message_id=message_id,
             content_type="application/json",
-            correlation_id=self._delivery.correlation_id or self._history.original_message_id,
+            correlation_id=context.delivery.correlation_id or self._root_id(context),
             application_properties={key: value for key, value in properties.items() if value is not None},
+            # A child due now is sent plain: it is active at once.
+            scheduled_enqueue_time_utc=due if due is not None and due > context.settler.clock.now() else None,
         )

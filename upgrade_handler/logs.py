@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import Any
 
 logger = logging.getLogger("upgrade_handler")
 
 
+#: Anything shaped like a user principal name (guests too: ``ann_fabrikam.com#EXT#@contoso.com``),
+#: wherever it stands in a value: Graph quotes the name in its error messages.
+_UPN = re.compile(
+    r"(?<![A-Za-z0-9._!#^~+-])[A-Za-z0-9._!#^~+-][A-Za-z0-9'._!#^~+-]*"  # the local part, not from mid-word
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+"  # a dotted domain
+)
+
+
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:
-    present = {key: value for key, value in fields.items() if value is not None}
+    present = {key: _pseudonymous(value) for key, value in fields.items() if value is not None}
     text = " ".join(f"{key}={_clean(value)}" for key, value in present.items())
     logger.log(level, "%s %s", event, text, extra={"event": event, "fields": present})
 
@@ -29,6 +38,13 @@ def redact_user(user_id: str) -> str:
         return user_id
     digest = hashlib.sha256(user_id.lower().encode()).hexdigest()[:12]
     return f"upn:{digest}"
+
+
+def _pseudonymous(value: Any) -> Any:
+    """``value`` with every user principal name in it replaced by its pseudonym."""
+    if isinstance(value, str) and "@" in value:
+        return _UPN.sub(lambda found: redact_user(found.group()), value)
+    return value
 
 
 #: Longest value written to a log line; anything a producer sends is cut there.

@@ -24,6 +24,7 @@ from .errors import GraphFailure
 #: Properties the retry copies carry between deliveries; never copied onto a dead letter.
 BOOKKEEPING = (
     "UpgradeAttempts",
+    "DeferredAttempts",
     "OriginalMessageId",
     "OriginalEnqueuedTimeUtc",
     "FirstAttemptUtc",
@@ -44,6 +45,7 @@ _DEAD_LETTER_KEYS = frozenset(
         "DeadLetterReason",
         "DeadLetterErrorDescription",
         "UpgradeAttempts",
+        "DeferredAttempts",
         "FailedAtUtc",
         "OriginalMessageId",
         "OriginalEnqueuedTimeUtc",
@@ -75,22 +77,33 @@ class History:
     original_message_id: str
     original_enqueued_time_utc: str | None
     first_attempt_utc: str | None
+    deferred_attempts: int = 0
+    """Those of ``attempts`` that Graph or the tenant deferred (§2); never more than ``attempts``."""
+    last_error_status: int | None = None
 
     @classmethod
     def of(cls, delivery: Delivery) -> History:
         properties = delivery.application_properties
-        attempts = properties.get("UpgradeAttempts")
-        if isinstance(attempts, str) and attempts.isdigit():
-            attempts = int(attempts)
+        attempts = count_property(properties.get("UpgradeAttempts"))
         original_id = properties.get("OriginalMessageId")
         enqueued = properties.get("OriginalEnqueuedTimeUtc")
         first = properties.get("FirstAttemptUtc")
+        status = properties.get("LastErrorStatus")
         return cls(
-            attempts=attempts if isinstance(attempts, int) and attempts >= 0 else 0,
+            attempts=attempts,
             original_message_id=original_id if isinstance(original_id, str) and original_id else _message_id(delivery),
             original_enqueued_time_utc=enqueued if isinstance(enqueued, str) else _iso(delivery.enqueued_time_utc),
             first_attempt_utc=first if isinstance(first, str) else None,
+            deferred_attempts=min(attempts, count_property(properties.get("DeferredAttempts"))),
+            last_error_status=status if isinstance(status, int) and not isinstance(status, bool) else None,
         )
+
+
+def count_property(value: Any) -> int:
+    """A non-negative count from a property (it may come back as text); anything else is 0."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def iso_utc(moment: datetime) -> str:
@@ -108,6 +121,7 @@ def dead_letter_message(
     attempts: int,
     failed_at: datetime,
     failure: GraphFailure | None = None,
+    deferred_attempts: int = 0,
 ) -> ServiceBusMessage:
     properties = {
         key: carry_property(value) for key, value in delivery.application_properties.items() if key not in BOOKKEEPING
@@ -117,6 +131,7 @@ def dead_letter_message(
             "DeadLetterReason": str(reason),
             "DeadLetterErrorDescription": _one_line(description),
             "UpgradeAttempts": attempts,
+            "DeferredAttempts": deferred_attempts,
             "FailedAtUtc": iso_utc(failed_at),
             "OriginalMessageId": history.original_message_id,
             "OriginalEnqueuedTimeUtc": history.original_enqueued_time_utc,
@@ -146,6 +161,7 @@ def retry_message(
     first_attempt_utc: str,
     failure: GraphFailure,
     not_before: datetime,
+    deferred_attempts: int = 0,
 ) -> ServiceBusMessage:
     properties = {key: carry_property(value) for key, value in delivery.application_properties.items()}
     for key in ("LastErrorStatus", "LastErrorCode"):
@@ -158,6 +174,7 @@ def retry_message(
             "FirstAttemptUtc": first_attempt_utc,
             "LastErrorStatus": failure.status,
             "LastErrorCode": failure.code,
+            "DeferredAttempts": deferred_attempts,
         }
     )
     return ServiceBusMessage(
