@@ -24,9 +24,9 @@ from typing import Any
 
 from azure.servicebus import ServiceBusMessage
 
+from standins.graph_simulator import GraphSimulator
+from standins.identity_endpoint import IdentityEndpoint
 from upgrade_handler.delivery import Delivery
-from upgrade_handler.devtools.graph_simulator import GraphSimulator
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
 from upgrade_handler.handler import UpgradeHandler
 
 ROOT = Path(__file__).resolve().parent.parent

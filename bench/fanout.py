@@ -53,10 +53,10 @@ from bench._common import (
     write_result,
 )
 from bench.soak import HostDriver
+from standins.graph_simulator import GraphSimulator, RecordedRequest
+from standins.identity_endpoint import IdentityEndpoint
+from standins.servicebus_broker import DEAD_LETTER_SUFFIX, ServiceBusBroker
 from upgrade_handler.auth import TokenProvider
-from upgrade_handler.devtools.graph_simulator import GraphSimulator, RecordedRequest
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
-from upgrade_handler.devtools.servicebus_broker import DEAD_LETTER_SUFFIX, ServiceBusBroker
 from upgrade_handler.fanout import PAGE_PROPERTY, PARENT_PROPERTY, child_message_id
 from upgrade_handler.graph import GraphClient
 from upgrade_handler.handler import UpgradeHandler

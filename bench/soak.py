@@ -42,11 +42,11 @@ from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
 
 from bench._common import APP, HOST_CONCURRENCY, MI_CLIENT_ID, ROOT, quiet_logs, stand_ins, table, write_result
+from standins.graph_simulator import CHAOS_KINDS, GraphSimulator
+from standins.identity_endpoint import IdentityEndpoint
+from standins.servicebus_broker import DEAD_LETTER_SUFFIX, ServiceBusBroker
 from upgrade_handler.auth import TokenProvider
 from upgrade_handler.delivery import Delivery
-from upgrade_handler.devtools.graph_simulator import CHAOS_KINDS, GraphSimulator
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
-from upgrade_handler.devtools.servicebus_broker import DEAD_LETTER_SUFFIX, ServiceBusBroker
 from upgrade_handler.graph import GraphClient
 from upgrade_handler.handler import Backoff, UpgradeHandler
 from upgrade_handler.ratelimit import AdaptiveRateLimiter

@@ -52,8 +52,8 @@ from bench._common import (
     table,
     write_result,
 )
-from upgrade_handler.devtools.graph_simulator import GraphSimulator
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
+from standins.graph_simulator import GraphSimulator
+from standins.identity_endpoint import IdentityEndpoint
 
 #: Bounds: no run may take longer than this many times its floor (plus a minute).
 DEADLINE_FACTOR = 6.0

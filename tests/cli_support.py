@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from standins.servicebus_broker import ServiceBusBroker
 from tests.conftest import DEADLETTER_QUEUE, UPGRADE_QUEUE, fast_credential
 from upgrade_handler.__main__ import build_parser
 from upgrade_handler.auth import TokenProvider
@@ -28,7 +29,6 @@ from upgrade_handler.cli.app import dispatch
 from upgrade_handler.cli.bus import Bus
 from upgrade_handler.cli.output import make_console
 from upgrade_handler.delivery import Delivery
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
 from upgrade_handler.errors import GraphFailure
 from upgrade_handler.settings import Settings
 from upgrade_handler.settlement import DeadLetterReason, History, dead_letter_message

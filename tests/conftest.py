@@ -10,11 +10,11 @@ import httpx
 import pytest
 from azure.identity.aio import ManagedIdentityCredential
 
+from standins.graph_simulator import GraphSimulator
+from standins.identity_endpoint import IdentityEndpoint
+from standins.servicebus_broker import ServiceBusBroker
 from tests.support import APP, APP_EXTERNAL, CHAT, MI_CLIENT_ID, TEAM, USER, USER_UPN, FakeClock
 from upgrade_handler.auth import TokenProvider
-from upgrade_handler.devtools.graph_simulator import GraphSimulator
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
 from upgrade_handler.graph import GraphClient
 from upgrade_handler.handler import UpgradeHandler
 from upgrade_handler.ratelimit import AdaptiveRateLimiter

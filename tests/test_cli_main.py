@@ -58,7 +58,7 @@ def test_the_function_does_not_import_the_command_line(environment):
     script = (
         "import function_app, sys; "
         "print(sorted(m for m in sys.modules if m.startswith(('upgrade_handler.cli', 'upgrade_handler.__main__', "
-        "'rich', 'jsonschema', 'referencing', 'upgrade_handler.devtools'))))"
+        "'rich', 'jsonschema', 'referencing', 'standins'))))"
     )
     result = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
         [sys.executable, "-c", script],

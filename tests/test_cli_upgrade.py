@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
+from standins.graph_simulator import Fault
 from tests.cli_support import DEADLETTER_QUEUE, UPGRADE_QUEUE
 from tests.support import APP, TEAM, new_user
-from upgrade_handler.devtools.graph_simulator import Fault
 
 # The fixtures run_cli and cli_bus.
 pytest_plugins = ["tests.cli_support"]

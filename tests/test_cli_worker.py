@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from standins.graph_simulator import Fault
+from standins.servicebus_broker import ServiceBusBroker
 from tests.cli_support import DEADLETTER_QUEUE, UPGRADE_QUEUE
 from tests.conftest import fast_credential
 from tests.support import APP, new_user
 from upgrade_handler.auth import TokenProvider
 from upgrade_handler.cli.bus import Bus
 from upgrade_handler.cli.worker import Processed, Worker
-from upgrade_handler.devtools.graph_simulator import Fault
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
 from upgrade_handler.handler import UpgradeHandler
 from upgrade_handler.outcome import Outcome
 from upgrade_handler.settings import Settings

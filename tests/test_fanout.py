@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from standins.graph_simulator import Fault, GraphSimulator
+from standins.servicebus_broker import ServiceBusBroker
 from tests.conftest import DEADLETTER_QUEUE, UPGRADE_QUEUE
 from tests.support import APP, function_message, new_user
-from upgrade_handler.devtools.graph_simulator import Fault, GraphSimulator
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
 from upgrade_handler.fanout import child_message_id
 
 pytestmark = pytest.mark.usefixtures("reset_stand_ins")

@@ -23,7 +23,7 @@ import aiohttp
 import httpx
 import pytest
 
-from upgrade_handler.devtools.graph_simulator import Fault, GraphSimulator
+from standins.graph_simulator import Fault, GraphSimulator
 
 USER = "5b649834-7412-4cce-9e69-176e95a394f5"
 UPN = "Adele.Vance@contoso.onmicrosoft.com"

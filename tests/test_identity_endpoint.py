@@ -16,7 +16,7 @@ from azure.core.exceptions import ClientAuthenticationError
 from azure.identity import CredentialUnavailableError, ManagedIdentityCredential
 from azure.identity.aio import ManagedIdentityCredential as AsyncManagedIdentityCredential
 
-from upgrade_handler.devtools.identity_endpoint import API_VERSION, IdentityEndpoint
+from standins.identity_endpoint import API_VERSION, IdentityEndpoint
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 GRAPH = "https://graph.microsoft.com"

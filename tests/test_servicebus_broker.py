@@ -28,7 +28,7 @@ from azure.servicebus import (
 from azure.servicebus.aio import ServiceBusClient as AsyncServiceBusClient
 from azure.servicebus.exceptions import MessageLockLostError, ServiceBusError
 
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
+from standins.servicebus_broker import ServiceBusBroker
 
 QUEUE = "upgrades"
 RAD_QUEUE = "upgrades-receive-and-delete"  # its own queue: a peek-lock receiver with credit would take a share

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from bench.soak import SoakConfig, soak
-from upgrade_handler.devtools.graph_simulator import GraphSimulator
-from upgrade_handler.devtools.identity_endpoint import IdentityEndpoint
-from upgrade_handler.devtools.servicebus_broker import ServiceBusBroker
+from standins.graph_simulator import GraphSimulator
+from standins.identity_endpoint import IdentityEndpoint
+from standins.servicebus_broker import ServiceBusBroker
 
 pytestmark = pytest.mark.usefixtures("reset_stand_ins")
 

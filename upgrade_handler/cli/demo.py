@@ -26,15 +26,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from azure.servicebus import ServiceBusMessage
 from rich.console import Console
 from rich.table import Table
 
-from ..devtools.graph_simulator import Fault, GraphSimulator
-from ..devtools.identity_endpoint import IdentityEndpoint
-from ..devtools.servicebus_broker import ServiceBusBroker
 from ..fanout import PARENT_PROPERTY
 from ..handler import UpgradeHandler
 from ..settings import Settings
@@ -45,6 +42,9 @@ from .report import OUTCOME_WORDS, journey
 from .requests import canonical_json, prepare
 from .send import send_requests
 from .worker import Processed, Worker
+
+if TYPE_CHECKING:
+    from standins.graph_simulator import Fault, GraphSimulator
 
 UPGRADE_QUEUE = "teams-app-upgrades"
 DEADLETTER_QUEUE = "teams-app-upgrades-deadletter"
@@ -133,6 +133,8 @@ def seed(graph: GraphSimulator) -> dict[str, str]:
 
 def cases(installations: dict[str, str]) -> list[Case]:
     """The sample requests, in the order they are sent (and, one at a time, handled)."""
+    from standins.graph_simulator import Fault
+
     pipeline = {"Source": "release-pipeline"}
     catalog = {"Source": "app-catalog"}
 
@@ -221,6 +223,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 async def run_command(args: argparse.Namespace, console: Console) -> int:
+    # The stand-ins are test equipment beside the package, imported only when the demo runs.
+    from standins.graph_simulator import GraphSimulator
+    from standins.identity_endpoint import IdentityEndpoint
+    from standins.servicebus_broker import ServiceBusBroker
+
     started = time.monotonic()
     console.print("Teams App Upgrader demo: the Azure Function's handler against local stand-ins, no Azure needed.\n")
     identity = IdentityEndpoint(client_id=CLIENT_ID)

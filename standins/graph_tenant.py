@@ -1,4 +1,4 @@
-"""The Graph side of :class:`~upgrade_handler.devtools.graph_simulator.GraphSimulator`, minus HTTP.
+"""The Graph side of :class:`~standins.graph_simulator.GraphSimulator`, minus HTTP.
 
 Two parts. The in-memory directory: a :class:`Tenant` holds users (addressable by object id or
 UPN), teams, chats, catalog apps, app installations in the three scopes, and groups with their

@@ -70,8 +70,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 from aiohttp import web
 from multidict import CIMultiDict
 
-from upgrade_handler.devtools._background import BackgroundServer
-from upgrade_handler.devtools.graph_tenant import (
+from standins._background import BackgroundServer
+from standins.graph_tenant import (
     GraphError,
     Route,
     Scope,
