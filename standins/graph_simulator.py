@@ -48,119 +48,49 @@ requests still held (by a "timeout" fault, say), so it returns at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import math
 import random
 import re
-import socket
-import struct
 import threading
 import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from email.utils import format_datetime
+from dataclasses import dataclass, replace
 from typing import Any, Self
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from aiohttp import web
-from multidict import CIMultiDict
 
-from standins._background import BackgroundServer
-from standins.graph_tenant import (
+from ._background import BackgroundServer
+from .graph_faults import CHAOS_KINDS, ROUTES, Chaos, Fault, RateLimit
+from .graph_requests import (
     GraphError,
     Route,
-    Scope,
-    Tenant,
     check_upgrade_body,
     decode_skiptoken,
-    default_error,
     encode_skiptoken,
     installation_json,
-    parse_installed_apps_filter,
     parse_route,
     target_not_found,
 )
+from .graph_responses import (
+    ODATA_JSON,
+    WWW_AUTHENTICATE,
+    error_response,
+    fault_response,
+    graph_headers,
+    json_response,
+    reset_connection,
+)
+from .graph_tenant import Scope, Tenant, parse_installed_apps_filter
 
-__all__ = ["Fault", "GraphSimulator", "RecordedRequest", "Tenant", "UpgradeRecord"]
+__all__ = ["CHAOS_KINDS", "Fault", "GraphSimulator", "RecordedRequest", "Tenant", "UpgradeRecord"]
 
 log = logging.getLogger(__name__)
 
-ROUTES = ("upgrade", "list", "group", "*")
-CHAOS_KINDS = ("429", "500", "502", "503", "504", "timeout", "reset")
-
-_WWW_AUTHENTICATE = (
-    'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", '
-    'client_id="00000003-0000-0000-c000-000000000000"'
-)
-_DIAGNOSTIC = json.dumps(
-    {
-        "ServerInfo": {
-            "DataCenter": "Local Simulator",
-            "Slice": "E",
-            "Ring": "5",
-            "ScaleUnit": "000",
-            "RoleInstance": "SIM127001",
-        }
-    },
-    separators=(",", ":"),
-)
-# What Graph sends on a successful OData read; clients must not insist on a bare "application/json".
-_ODATA_JSON = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 _MAX_BODY = 4 * 1024 * 1024  # Graph's own request size limit
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One scripted or random response that replaces (or delays) normal behaviour.
-
-    ``body``: a dict is sent as JSON (when it holds ``error.innerError``, the missing ``date``,
-    ``request-id`` and ``client-request-id`` are filled in to match the headers); a str or
-    bytes is sent as is; None sends Graph's error body for ``status`` (nothing for a 2xx/3xx).
-    ``headers`` are added to (and override) the standard Graph headers.
-    """
-
-    status: int = 500
-    body: dict[str, Any] | str | bytes | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-    reset: bool = False
-    passthrough: bool = False
-
-    def __post_init__(self) -> None:
-        if not 100 <= self.status <= 599:
-            raise ValueError(f"not an HTTP status: {self.status}")
-        if self.delay < 0:
-            raise ValueError("delay must be >= 0")
-
-    @classmethod
-    def throttled(cls, retry_after: str | None = "2.128") -> Fault:
-        """429 ``TooManyRequests`` with the body of Graph's throttling docs (research §2.1)."""
-        return cls(429, headers={} if retry_after is None else {"Retry-After": retry_after})
-
-    @classmethod
-    def graph_error(
-        cls,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        inner_code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Fault:
-        """A Graph-shaped error; ``inner_code`` adds ``innerError.code`` and ``.message`` as Teams does."""
-        inner: dict[str, Any] = {}
-        if inner_code is not None:
-            inner = {"code": inner_code, "message": message, "details": []}
-        return cls(
-            status,
-            body={"error": {"code": code, "message": message, "innerError": inner}},
-            headers=dict(headers or {}),
-        )
 
 
 @dataclass(frozen=True)
@@ -200,49 +130,6 @@ class _Slot:
         self.record = record
 
 
-@dataclass
-class _Chaos:
-    thresholds: list[tuple[float, str]]
-    rng: random.Random
-    timeout_delay: float
-    retry_after: str | None
-
-    def draw(self) -> str | None:
-        r = self.rng.random()
-        for upper, kind in self.thresholds:
-            if r < upper:
-                return kind
-        return None
-
-    def fault(self, kind: str) -> Fault:
-        if kind == "reset":
-            return Fault(reset=True)
-        if kind == "timeout":
-            return Fault(504, delay=self.timeout_delay)
-        status = int(kind)
-        if status in (429, 503) and self.retry_after is not None:
-            return Fault(status, headers={"Retry-After": self.retry_after})
-        return Fault(status)
-
-
-@dataclass
-class _RateLimit:
-    limit: int
-    window: float
-    hits: deque[float] = field(default_factory=deque)
-
-    def admit(self, now: float) -> float | None:
-        """None when admitted, else the seconds until the window has room again."""
-        cutoff = now - self.window
-        while self.hits and self.hits[0] <= cutoff:
-            self.hits.popleft()
-        self.hits.append(now)  # a throttled request is logged against the window too
-        if len(self.hits) <= self.limit:
-            return None
-        # Room appears once all but limit-1 of the logged hits have left the window.
-        return self.hits[len(self.hits) - self.limit] + self.window - now
-
-
 class GraphSimulator:
     """Microsoft Graph (Teams installedApps, group members) on ``http://127.0.0.1:<port>``.
 
@@ -262,8 +149,8 @@ class GraphSimulator:
         self._lock = threading.Lock()
         self._slots: list[_Slot] = []
         self._scripts: dict[str, deque[Fault]] = {route: deque() for route in ROUTES}
-        self._chaos: _Chaos | None = None
-        self._rate: _RateLimit | None = None
+        self._chaos: Chaos | None = None
+        self._rate: RateLimit | None = None
         self._latency = (0.0, 0.0)
         self._latency_rng = random.Random(seed)
         self._stats: Counter[str] = Counter()
@@ -355,7 +242,7 @@ class GraphSimulator:
             if rates.get(kind, 0.0) > 0:
                 total += rates[kind]
                 thresholds.append((total, kind))
-        chaos = _Chaos(thresholds, random.Random(seed), timeout_delay, retry_after) if thresholds else None
+        chaos = Chaos(thresholds, random.Random(seed), timeout_delay, retry_after) if thresholds else None
         with self._lock:
             self._chaos = chaos
 
@@ -363,7 +250,7 @@ class GraphSimulator:
         if requests_per_window is not None and (requests_per_window < 1 or window <= 0):
             raise ValueError("need requests_per_window >= 1 and window > 0")
         with self._lock:
-            self._rate = None if requests_per_window is None else _RateLimit(requests_per_window, window)
+            self._rate = None if requests_per_window is None else RateLimit(requests_per_window, window)
 
     def set_latency(self, mean: float, jitter: float = 0.0) -> None:
         if mean < 0 or jitter < 0:
@@ -434,19 +321,19 @@ class GraphSimulator:
                 await asyncio.sleep(fault.delay)
             if fault.reset:
                 self._finish(slot, None, fault=True)
-                _reset(request)
+                reset_connection(request)
                 return web.Response(status=204)  # never written: the connection is gone
             if not fault.passthrough:
-                response = _fault_response(fault, ids)
+                response = fault_response(fault, ids)
                 self._finish(slot, response.status, fault=True)
                 return response
         try:
             response = self._answer(request, route, body, headers, query, ids)
         except GraphError as answer:
-            response = _error_response(answer.status, answer.code, answer.message, ids, answer.headers, answer.inner)
+            response = error_response(answer.status, answer.code, answer.message, ids, answer.headers, answer.inner)
         except Exception as exc:  # a simulator bug must still produce a recorded answer
             log.exception("graph simulator failed on %s %s", request.method, raw_path)
-            response = _error_response(500, "InternalServerError", f"Simulator error: {exc!r}", ids)
+            response = error_response(500, "InternalServerError", f"Simulator error: {exc!r}", ids)
         self._finish(slot, response.status, fault=False)
         return response
 
@@ -498,12 +385,12 @@ class GraphSimulator:
         if route.kind == "upgrade":
             return self._upgrade(route, body, headers, ids)
         if route.kind == "list":
-            return _json_response(200, self._list(route, query, base), ids, _ODATA_JSON)
-        return _json_response(200, self._group_page(route, query, base, request), ids, _ODATA_JSON)
+            return json_response(200, self._list(route, query, base), ids, ODATA_JSON)
+        return json_response(200, self._group_page(route, query, base, request), ids, ODATA_JSON)
 
     def _authenticate(self, authorization: str) -> None:
         scheme, _, token = authorization.strip().partition(" ")
-        challenge = {"WWW-Authenticate": _WWW_AUTHENTICATE}
+        challenge = {"WWW-Authenticate": WWW_AUTHENTICATE}
         if scheme.lower() != "bearer" or not token.strip():
             raise GraphError(401, "InvalidAuthenticationToken", "Access token is empty.", challenge)
         if self._token_validator is not None and not self._token_validator(token.strip()):
@@ -537,7 +424,7 @@ class GraphSimulator:
         with self._lock:
             self._upgraded.append(record)
             self._stats["upgrades_ok"] += 1
-        return web.Response(status=204, headers=_graph_headers(ids))
+        return web.Response(status=204, headers=graph_headers(ids))
 
     def _list(self, route: Route, query: dict[str, str], base: str) -> dict[str, Any]:
         expand = {part.strip().lower() for part in re.sub(r"\([^()]*\)", "", query.get("$expand", "")).split(",")}
@@ -586,108 +473,3 @@ class GraphSimulator:
             encoded = urlencode(params, safe="$'(),=", quote_via=quote)
             page["@odata.nextLink"] = f"{request.scheme}://{request.host}{path}?{encoded}"
         return page
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _reset(request: web.Request) -> None:
-    """Abort the connection with a TCP RST, so the client sees a reset, not a clean close."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-def _graph_headers(ids: tuple[str, str], now: datetime | None = None) -> CIMultiDict[str]:
-    return CIMultiDict(
-        {
-            "request-id": ids[0],
-            "client-request-id": ids[1],
-            "Date": format_datetime(now or datetime.now(UTC), usegmt=True),
-            "x-ms-ags-diagnostic": _DIAGNOSTIC,
-            "Strict-Transport-Security": "max-age=31536000",
-            "Cache-Control": "no-store",
-        }
-    )
-
-
-def _json_response(
-    status: int,
-    payload: dict[str, Any],
-    ids: tuple[str, str],
-    content_type: str = "application/json",
-    extra: Mapping[str, str] | None = None,
-    now: datetime | None = None,
-) -> web.Response:
-    headers = _graph_headers(ids, now)
-    headers["Content-Type"] = content_type
-    headers.update(extra or {})
-    return web.Response(status=status, body=json.dumps(payload).encode(), headers=headers)
-
-
-def _error_body(
-    status: int,
-    code: str,
-    message: str,
-    ids: tuple[str, str],
-    now: datetime,
-    inner: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    inner_error: dict[str, Any] = dict(inner or {})
-    inner_error.update({"date": now.strftime("%Y-%m-%dT%H:%M:%S"), "request-id": ids[0], "client-request-id": ids[1]})
-    return {"error": {"code": code, "message": message, "innerError": inner_error}}
-
-
-def _error_response(
-    status: int,
-    code: str,
-    message: str,
-    ids: tuple[str, str],
-    headers: Mapping[str, str] | None = None,
-    inner: Mapping[str, Any] | None = None,
-) -> web.Response:
-    now = datetime.now(UTC)
-    extra = dict(headers or {})
-    if status == 429:  # the shape of the throttling docs' sample (research §2.1)
-        inner = {"code": "429", "message": "Please retry after", "status": "429"}
-    if status == 401:
-        extra.setdefault("WWW-Authenticate", _WWW_AUTHENTICATE)
-    body = _error_body(status, code, message, ids, now, inner)
-    return _json_response(status, body, ids, extra=extra, now=now)
-
-
-def _fault_response(fault: Fault, ids: tuple[str, str]) -> web.Response:
-    if fault.body is None:
-        if fault.status < 400:
-            headers = _graph_headers(ids)
-            headers.update(fault.headers)
-            return web.Response(status=fault.status, headers=headers)
-        if fault.status == 429:
-            code, message = "TooManyRequests", "Please retry again later."
-        else:
-            code, message = default_error(fault.status)
-        return _error_response(fault.status, code, message, ids, fault.headers)
-    now = datetime.now(UTC)
-    headers = _graph_headers(ids, now)
-    if isinstance(fault.body, dict):
-        payload = json.loads(json.dumps(fault.body))  # deep copy: the Fault may be reused
-        inner = payload.get("error", {}).get("innerError") if isinstance(payload.get("error"), dict) else None
-        if isinstance(inner, dict):
-            inner.setdefault("date", now.strftime("%Y-%m-%dT%H:%M:%S"))
-            inner.setdefault("request-id", ids[0])
-            inner.setdefault("client-request-id", ids[1])
-        data = json.dumps(payload).encode()
-        headers["Content-Type"] = "application/json"
-    elif isinstance(fault.body, str):
-        data = fault.body.encode()
-        headers["Content-Type"] = "text/plain; charset=utf-8"
-    else:
-        data = fault.body
-        headers["Content-Type"] = "application/octet-stream"
-    headers.update(fault.headers)
-    return web.Response(status=fault.status, body=data, headers=headers)
