@@ -9,6 +9,10 @@
 // administrator run infra/scripts/grant-graph-permission.sh, which grants the same roles with
 // the same ids (tests/test_infra.py checks that the two tables agree).
 //
+// The first deployment may fail with "Not a valid reference update": the identity was created a
+// moment ago and Entra has not replicated it yet (msgraph-bicep-types issue 193, open; the
+// extension has no retry setting). Running `azd provision` again completes it.
+//
 // Unverified here (no network): that the extension is offered in the US Government clouds (use
 // the script there), and that redeploying an existing assignment is a no-op.
 extension microsoftGraphV1
@@ -16,8 +20,7 @@ extension microsoftGraphV1
 @description('Object id of the managed identity (its service principal).')
 param principalId string
 
-@minLength(1)
-@description('Names of the Microsoft Graph application permissions to grant; each must be a key of graphAppRoleIds.')
+@description('Names of the Microsoft Graph application permissions to grant; each must be a key of graphAppRoleIds. main.bicep leaves the module out when there are none.')
 param appRoles array
 
 // Microsoft Graph app role ids. Microsoft Graph defines them once (appId
@@ -32,6 +35,7 @@ var graphAppRoleIds = {
   'TeamsAppInstallation.ReadWriteForChat.All': '9e19bae1-2623-4c4f-ab6e-2664615ff9a0'
   'TeamsAppInstallation.ReadWriteAndConsentForChat.All': '6e74eff9-4a21-45d6-bc03-3a20f61f8281'
   'GroupMember.Read.All': '98830695-27a2-44f7-8c18-0c3ebc9698f6'
+  'AppCatalog.Read.All': 'e12dae10-5a57-4817-b79d-dfbec5348930'
 }
 
 resource microsoftGraph 'Microsoft.Graph/servicePrincipals@v1.0' existing = {

@@ -18,8 +18,51 @@ targetScope = 'subscription'
 @description('azd environment name; part of the resource group name and of the unique suffix of every resource.')
 param environmentName string
 
+// The regions of Microsoft's own Flex Consumption azd templates
+// (Azure-Samples/functions-quickstart-python-http-azd, infra/main.bicep), without the canary region
+// eastus2euap. azd offers only these when it asks for a location. Flex Consumption keeps adding
+// regions: `az functionapp list-flexconsumption-locations -o table` has the current list, and a
+// region that has it may be added here.
 @minLength(1)
-@description('Azure region for every resource. It must offer the Flex Consumption plan (az functionapp list-flexconsumption-locations).')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+@description('Azure region for every resource; one that offers the Flex Consumption plan.')
 param location string
 
 @description('Resource group to create. Empty: rg-<environmentName>.')
@@ -27,7 +70,7 @@ param resourceGroupName string = ''
 
 @minLength(3)
 @maxLength(10)
-@description('Lowercase letters only; first part of every resource name (<prefix>-<unique suffix>-<kind>).')
+@description('Letters only; first part of every resource name (<prefix>-<unique suffix>-<kind>). Upper case is lowered: storage account names allow only lowercase letters and digits.')
 param namePrefix string = 'upgrader'
 
 // ---------------------------------------------------------------------------------------------
@@ -75,7 +118,10 @@ param chatScopePermission string = 'none'
 @description('Fan-out by Entra group (groupId requests, contract section 6) needs GroupMember.Read.All. True grants it; set false when producers never send groupId.')
 param enableGroupFanOut bool = true
 
-@description('Grant the Graph permissions in this deployment (Microsoft Graph Bicep extension). The deploying user must then be a Privileged Role Administrator (or Global Administrator) of the tenant. False: run infra/scripts/grant-graph-permission.sh as such an administrator instead.')
+@description('Version-aware rollouts (requests with version, contract section 8) read the Teams app catalog, which needs AppCatalog.Read.All. True grants it; set false when producers never send version.')
+param enableVersionChecks bool = true
+
+@description('Grant the Graph permissions in this deployment (Microsoft Graph Bicep extension). The deploying user must then be a Privileged Role Administrator (or Global Administrator) of the tenant. The first run may fail while Entra replicates the new identity; running azd provision again completes it. False: run infra/scripts/grant-graph-permission.sh as such an administrator instead.')
 param grantGraphPermissions bool = false
 
 // ---------------------------------------------------------------------------------------------
@@ -91,8 +137,8 @@ param serviceBusSku string = 'Standard'
 
 @minValue(1)
 @maxValue(1000)
-@description('Flex Consumption maximum instance count. Graph allows about 30 upgrade requests per second per tenant for this app, shared by all instances: more instances drain a backlog no faster once Graph throttles, so keep this small.')
-param maximumInstanceCount int = 4
+@description('Flex Consumption maximum instance count. 40 is the lowest value Flex Consumption accepts in most regions (lower values are a preview in a few), so 40 deploys everywhere. The count is harmless to Graph: every instance draws from one shared budget of GRAPH_MAX_REQUESTS_PER_SECOND (contract section 7).')
+param maximumInstanceCount int = 40
 
 @allowed([
   512
@@ -132,15 +178,38 @@ param maxInlineWaitSeconds int = 10
 @description('UPGRADE_MAX_DELIVERY_COUNT: the poison guard. At most 9, below the upgrade queue maxDeliveryCount (10), so the function dead-letters with its own reason before the broker does.')
 param maxDeliveryCount int = 5
 
-@description('GRAPH_MAX_REQUESTS_PER_SECOND: Graph requests per second of ONE instance (a decimal string). The tenant allows about 30 for all instances together; for a hard ceiling use 30 divided by maximumInstanceCount.')
+@description('GRAPH_MAX_REQUESTS_PER_SECOND: Graph requests per second of the whole app, every instance together (a decimal string; contract section 7). Graph allows about 30 per app per tenant.')
 param graphMaxRequestsPerSecond string = '30'
+
+@minValue(0)
+@maxValue(240)
+@description('UPGRADE_MAX_BUDGET_WAIT_SECONDS: the longest one invocation waits for its turn in the shared Graph budget before it schedules a retry. At most 240, inside host.json functionTimeout and lock renewal (5 minutes).')
+param maxBudgetWaitSeconds int = 240
+
+@minValue(1)
+@maxValue(336)
+@description('UPGRADE_MAX_RETRY_HOURS: no retry comes due later than this after the first attempt. At most 336 (14 days, the upgrade queue message time to live).')
+param maxRetryHours int = 24
+
+@minLength(3)
+@maxLength(63)
+@description('GRAPH_BUDGET_TABLE: table of the shared Graph budget in the app storage account (letters and digits, a letter first).')
+param graphBudgetTableName string = 'graphbudget'
+
+@minLength(3)
+@maxLength(63)
+@description('ROLLOUT_TABLE: table of the rollout ledger in the app storage account (letters and digits, a letter first).')
+param rolloutTableName string = 'rollouts'
 
 // ---------------------------------------------------------------------------------------------
 // The person or pipeline running the deployment (azd fills these)
 // ---------------------------------------------------------------------------------------------
 
-@description('Object id of the deployer. Non-empty: may send to the upgrade queue (first request) and read the dead-letter queue. Empty: no access for the deployer.')
+@description('Object id of the deployer. azd always fills it with the signed-in principal (AZURE_PRINCIPAL_ID), so it cannot be left empty through azd: use grantDeployerAccess to opt out.')
 param deployerPrincipalId string = ''
+
+@description('True: the deployer may send to the upgrade queue (first request), read the dead-letter queue and read the rollout ledger. False: the deployer gets no role (for a pipeline identity, for instance).')
+param grantDeployerAccess bool = true
 
 @allowed([
   'User'
@@ -152,6 +221,8 @@ param deployerPrincipalType string = 'User'
 // ---------------------------------------------------------------------------------------------
 
 var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+// Storage account names allow only lowercase letters and digits; every name uses the same prefix.
+var prefix = toLower(namePrefix)
 var tags = {
   'azd-env-name': environmentName
 }
@@ -166,7 +237,11 @@ var graphBaseUrls = {
 // The Graph application permissions of the identity, as granted by graph-permission.bicep or by
 // infra/scripts/grant-graph-permission.sh (which reads the GRAPH_APP_ROLES output).
 var scopePermissions = filter([userScopePermission, teamScopePermission, chatScopePermission], permission => permission != 'none')
-var graphAppRoles = concat(scopePermissions, enableGroupFanOut ? ['GroupMember.Read.All'] : [])
+var graphAppRoles = concat(
+  scopePermissions,
+  enableGroupFanOut ? ['GroupMember.Read.All'] : [],
+  enableVersionChecks ? ['AppCatalog.Read.All'] : []
+)
 
 resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : 'rg-${environmentName}'
@@ -180,8 +255,8 @@ module resources 'resources.bicep' = {
   params: {
     location: location
     tags: tags
-    baseName: '${namePrefix}-${resourceToken}'
-    storageAccountName: take('${namePrefix}${resourceToken}', 24)
+    baseName: '${prefix}-${resourceToken}'
+    storageAccountName: take('${prefix}${resourceToken}', 24)
     graphBaseUrl: graphBaseUrls[graphCloud]
     serviceBusSku: serviceBusSku
     maximumInstanceCount: maximumInstanceCount
@@ -193,12 +268,20 @@ module resources 'resources.bicep' = {
     maxInlineWaitSeconds: maxInlineWaitSeconds
     maxDeliveryCount: maxDeliveryCount
     graphMaxRequestsPerSecond: graphMaxRequestsPerSecond
-    deployerPrincipalId: deployerPrincipalId
+    maxBudgetWaitSeconds: maxBudgetWaitSeconds
+    maxRetryHours: maxRetryHours
+    graphBudgetTableName: graphBudgetTableName
+    rolloutTableName: rolloutTableName
+    deployerPrincipalId: grantDeployerAccess ? deployerPrincipalId : ''
     deployerPrincipalType: deployerPrincipalType
   }
 }
 
-module graphPermission 'graph-permission.bicep' = if (grantGraphPermissions) {
+// Assigning an app role to an identity created a moment ago can fail with "Not a valid reference
+// update" while Entra replicates it (msgraph-bicep-types issue 193; the extension has no retry):
+// running `azd provision` again completes the grant. With every permission switched off there is
+// nothing to grant, and the module is left out.
+module graphPermission 'graph-permission.bicep' = if (grantGraphPermissions && !empty(graphAppRoles)) {
   name: 'graph-permission'
   scope: rg
   params: {
@@ -224,6 +307,10 @@ output ServiceBusConnection__fullyQualifiedNamespace string = resources.outputs.
 output UPGRADE_QUEUE_NAME string = upgradeQueueName
 output DEADLETTER_QUEUE_NAME string = deadLetterQueueName
 output GRAPH_BASE_URL string = graphBaseUrls[graphCloud]
+// For `python -m upgrade_handler rollout status` run from a shell where `azd env get-values` was
+// loaded: the ledger's table endpoint (read with your own Azure sign-in) and table name.
+output AzureWebJobsStorage__tableServiceUri string = resources.outputs.tableServiceUri
+output ROLLOUT_TABLE string = rolloutTableName
 output GRAPH_APP_ROLES string = join(graphAppRoles, ',')
 output GRAPH_PERMISSIONS_GRANTED_BY_DEPLOYMENT bool = grantGraphPermissions
 output APPLICATIONINSIGHTS_NAME string = resources.outputs.applicationInsightsName

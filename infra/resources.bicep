@@ -64,6 +64,25 @@ param maxDeliveryCount int
 
 param graphMaxRequestsPerSecond string
 
+@minValue(0)
+@maxValue(240)
+param maxBudgetWaitSeconds int
+
+@minValue(1)
+@maxValue(336)
+param maxRetryHours int
+
+@minLength(3)
+@maxLength(63)
+@description('GRAPH_BUDGET_TABLE: the shared Graph budget of every instance (contract section 7).')
+param graphBudgetTableName string
+
+@minLength(3)
+@maxLength(63)
+@description('ROLLOUT_TABLE: the rollout ledger (contract section 8).')
+param rolloutTableName string
+
+@description('Object id of the deployer, or empty for no deployer access (main.bicep decides).')
 param deployerPrincipalId string
 
 @allowed([
@@ -74,21 +93,40 @@ param deployerPrincipalId string
 param deployerPrincipalType string
 
 // Built-in role definition ids (the same in every tenant and cloud). Nothing else is assigned:
-// no Owner, Contributor, Azure Service Bus Data Owner or Storage Account Contributor.
+// no Owner, Contributor or Storage Account Contributor, and nothing at namespace or account scope
+// that a narrower scope can do.
 var roleIds = {
-  // Receive (peek-lock, complete, abandon, renew lock) on one queue: the trigger.
+  // Everything on ONE queue, the upgrade queue: receive (the trigger), send (scheduled retries,
+  // fan-out children, continuations) and manage. Manage is what target-based scaling needs: with
+  // an identity connection the Service Bus extension reads the queue's length through
+  // GetQueueRuntimePropertiesAsync, which Data Receiver may not call; without it the extension
+  // falls back to peeking and reports about one message, so Flex Consumption scales to about one
+  // instance however long the queue is (MicrosoftDocs/azure-docs pull request 128626). The role
+  // subsumes Data Receiver and Data Sender, so neither is assigned on this queue as well. Scoped
+  // to the queue, "manage" reaches nothing else in the namespace. Why granting it is safe now:
+  // every instance draws from one shared Graph budget (contract section 7), so more instances
+  // no longer mean more calls to Graph.
+  serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'
+  // Receive on one queue: the deployer reads the dead-letter queue.
   serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
-  // Send on one queue: scheduled retries and fan-out children to the upgrade queue,
-  // failed requests to the dead-letter queue.
+  // Send on one queue: failed requests to the dead-letter queue; the deployer's test requests.
   serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
   // Host storage and the deployment container. Microsoft documents this role as the minimum
   // for Functions host storage by identity: the host reads and writes blobs (locks, keys) and
   // creates containers, and Flex Consumption reads the app package from the deployment
   // container with the same identity. Storage Blob Data Contributor would probably do, but it
   // is not documented as sufficient. The account holds nothing but this app's host data.
-  // Queue and table roles are left out: a Service Bus trigger needs no storage queues, and
-  // without table access the host only skips writing its diagnostic events.
+  // Queue roles are left out: a Service Bus trigger needs no storage queues.
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
+  // Read and write entities of one table: the app's identity on the shared Graph budget and on
+  // the rollout ledger, each role assignment scoped to that table alone. The tables are created
+  // here, so the identity needs no right to create tables or to read any other. (The Functions
+  // host also writes diagnostic events to a table of its own when it can; without access to it
+  // the host only skips them.)
+  storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+  // Read entities of one table: the deployer (or a release pipeline) reads the rollout ledger
+  // with `python -m upgrade_handler rollout status`.
+  storageTableDataReader: '76199698-9eea-4c19-bc75-cec21354c6b6'
   // Send telemetry to an Application Insights resource that refuses instrumentation-key-only
   // ingestion (DisableLocalAuth).
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -181,6 +219,23 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
       }
     }
   }
+
+  resource tableService 'tableServices' = {
+    name: 'default'
+  }
+}
+
+// The two tables the app reads and writes, created here so that the identity's roles can be
+// scoped to each of them (a role on a table that does not exist yet cannot be assigned). The
+// code also creates a missing table, which only succeeds with a wider role: it never needs to.
+resource graphBudgetTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: storage::tableService
+  name: graphBudgetTableName
+}
+
+resource rolloutTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: storage::tableService
+  name: rolloutTableName
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,12 +380,14 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
 // WEBSITE_RUN_FROM_PACKAGE, WEBSITE_CONTENTSHARE, ...): runtime and version live in
 // functionAppConfig.runtime.
 var appSettings = {
-  // Host storage by identity, blob service only (the host keeps its locks and keys in blobs).
-  // Service URIs rather than AzureWebJobsStorage__accountName, which only works in the global
-  // cloud.
+  // Host storage by identity: the blob service for the host (locks and keys) and the table
+  // service for the app (the shared Graph budget and the rollout ledger, which the code reaches
+  // through AzureWebJobsStorage__tableServiceUri with the same credential and client id). Service
+  // URIs rather than AzureWebJobsStorage__accountName, which only works in the global cloud.
   AzureWebJobsStorage__credential: 'managedidentity'
   AzureWebJobsStorage__clientId: identity.properties.clientId
   AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
+  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
   // Application Insights with Entra authentication (the resource refuses anything else).
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
@@ -347,6 +404,10 @@ var appSettings = {
   UPGRADE_MAX_INLINE_WAIT_SECONDS: string(maxInlineWaitSeconds)
   UPGRADE_MAX_DELIVERY_COUNT: string(maxDeliveryCount)
   GRAPH_MAX_REQUESTS_PER_SECOND: graphMaxRequestsPerSecond
+  UPGRADE_MAX_BUDGET_WAIT_SECONDS: string(maxBudgetWaitSeconds)
+  UPGRADE_MAX_RETRY_HOURS: string(maxRetryHours)
+  GRAPH_BUDGET_TABLE: graphBudgetTable.name
+  ROLLOUT_TABLE: rolloutTable.name
   // Overrides host.json extensions.serviceBus.maxConcurrentCalls (the per-instance concurrency).
   // Unverified: whether the Flex scale controller reads this override or host.json when it
   // computes the target per instance; the defaults are equal, so they agree unless changed.
@@ -361,8 +422,9 @@ resource functionAppSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   // still lag a few minutes, and the host retries).
   dependsOn: [
     storageBlobDataOwner
-    upgradeQueueReceiver
-    upgradeQueueSender
+    graphBudgetTableContributor
+    rolloutTableContributor
+    upgradeQueueOwner
     deadLetterQueueSender
     appInsightsMetricsPublisher
   ]
@@ -372,25 +434,14 @@ resource functionAppSettings 'Microsoft.Web/sites/config@2024-04-01' = {
 // Role assignments of the function's identity
 // ---------------------------------------------------------------------------------------------
 
-resource upgradeQueueReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(upgradeQueue.id, identity.id, roleIds.serviceBusDataReceiver)
+resource upgradeQueueOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(upgradeQueue.id, identity.id, roleIds.serviceBusDataOwner)
   scope: upgradeQueue
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataReceiver)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataOwner)
     principalId: identity.properties.principalId
     principalType: 'ServicePrincipal'
-    description: 'Trigger: receive upgrade requests'
-  }
-}
-
-resource upgradeQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(upgradeQueue.id, identity.id, roleIds.serviceBusDataSender)
-  scope: upgradeQueue
-  properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.serviceBusDataSender)
-    principalId: identity.properties.principalId
-    principalType: 'ServicePrincipal'
-    description: 'Scheduled retries, fan-out children and continuations'
+    description: 'Trigger, scheduled retries, fan-out children, and the queue length for scaling'
   }
 }
 
@@ -416,6 +467,28 @@ resource storageBlobDataOwner 'Microsoft.Authorization/roleAssignments@2022-04-0
   }
 }
 
+resource graphBudgetTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(graphBudgetTable.id, identity.id, roleIds.storageTableDataContributor)
+  scope: graphBudgetTable
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataContributor)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+    description: 'The shared Graph budget of every instance'
+  }
+}
+
+resource rolloutTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(rolloutTable.id, identity.id, roleIds.storageTableDataContributor)
+  scope: rolloutTable
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataContributor)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+    description: 'The rollout ledger'
+  }
+}
+
 resource appInsightsMetricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(appInsights.id, identity.id, roleIds.monitoringMetricsPublisher)
   scope: appInsights
@@ -428,7 +501,8 @@ resource appInsightsMetricsPublisher 'Microsoft.Authorization/roleAssignments@20
 }
 
 // ---------------------------------------------------------------------------------------------
-// Role assignments of the deployer (optional): send a first request, read what failed
+// Role assignments of the deployer (optional): send a first request, read what failed, follow
+// a rollout
 // ---------------------------------------------------------------------------------------------
 
 resource deployerUpgradeQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (deployerHasAccess) {
@@ -453,6 +527,17 @@ resource deployerDeadLetterQueueReceiver 'Microsoft.Authorization/roleAssignment
   }
 }
 
+resource deployerRolloutTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (deployerHasAccess) {
+  name: guid(rolloutTable.id, deployerPrincipalId, roleIds.storageTableDataReader)
+  scope: rolloutTable
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataReader)
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
+    description: 'Deployer: follow rollouts (rollout status)'
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 output functionAppName string = functionApp.name
@@ -461,5 +546,6 @@ output identityClientId string = identity.properties.clientId
 output identityPrincipalId string = identity.properties.principalId
 output serviceBusNamespaceName string = serviceBus.name
 output serviceBusHostName string = serviceBusHostName
+output tableServiceUri string = storage.properties.primaryEndpoints.table
 output applicationInsightsName string = appInsights.name
 output logAnalyticsWorkspaceName string = logAnalytics.name

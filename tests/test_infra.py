@@ -4,7 +4,8 @@ Bicep cannot be compiled here (no Bicep CLI, and the Graph extension comes from 
 these tests read the files and hold them to what the code and the contract need: every app
 setting the code reads is set or left out on purpose, no keys or connection strings, only
 least-privilege roles on the narrowest scope, queue settings that agree with host.json and the
-settings' limits, the same Graph permissions in the Bicep module and in the script.
+settings' limits, the same Graph permissions in the Bicep module and in the script, and a deployed
+package that holds what the function imports and nothing else (read the way azd reads .funcignore).
 
 Each check is a function that returns a list of problems. The tests run every check on the real
 files (no problems allowed) and on broken copies (the check must complain), so that a check
@@ -17,6 +18,7 @@ decorators, variables, resources (with nested child resources), modules and outp
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -26,7 +28,6 @@ import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from functools import cached_property
 from pathlib import Path
 from typing import TypeAlias
@@ -48,6 +49,10 @@ SCRIPT = ROOT / SCRIPT_NAME
 NOT_SET_IN_AZURE = {
     "ServiceBusConnection": "a connection string: the local-development alternative to the "
     "identity connection (ServiceBusConnection__fullyQualifiedNamespace); Azure uses no secrets",
+    "AzureWebJobsStorage": "a connection string (an account key, or Azurite's): Azure reaches the "
+    "storage account by identity (AzureWebJobsStorage__tableServiceUri and __blobServiceUri)",
+    "AzureWebJobsStorage__accountName": "names an account in the global cloud only; the service URIs "
+    "the deployment sets come from the account itself, in every cloud",
 }
 
 #: App settings that are not read by the package but by the Functions host or platform.
@@ -55,6 +60,7 @@ HOST_SETTINGS = {
     "AzureWebJobsStorage__credential": "host storage by managed identity",
     "AzureWebJobsStorage__clientId": "which user-assigned identity reaches host storage",
     "AzureWebJobsStorage__blobServiceUri": "host storage account (blob service)",
+    "AzureWebJobsStorage__tableServiceUri": "the table service: the host's, and the app's budget and ledger",
     "APPLICATIONINSIGHTS_CONNECTION_STRING": "where telemetry goes (no secret once local auth is off)",
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "telemetry with an Entra token",
     "ServiceBusConnection__credential": "the trigger's identity connection",
@@ -73,22 +79,33 @@ FLEX_DEPRECATED_SETTINGS = (
     "AzureWebJobsStorage",
 )
 
+# Built-in role definition ids (Microsoft's built-in roles list; the same in every tenant).
+SERVICE_BUS_DATA_OWNER = "090c5cfd-751d-490a-894a-3ce6f1109419"
 SERVICE_BUS_DATA_RECEIVER = "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0"
 SERVICE_BUS_DATA_SENDER = "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39"
 STORAGE_BLOB_DATA_OWNER = "b7e6dc6d-f1e8-4753-8033-0f276bb0955b"
+STORAGE_TABLE_DATA_CONTRIBUTOR = "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3"
+STORAGE_TABLE_DATA_READER = "76199698-9eea-4c19-bc75-cec21354c6b6"
 MONITORING_METRICS_PUBLISHER = "3913510d-42f4-4e42-8a64-420c390055eb"
 
+QUEUE = "Microsoft.ServiceBus/namespaces/queues"
+TABLE = "Microsoft.Storage/storageAccounts/tableServices/tables"
+
 #: The only Azure roles the deployment may assign, and the resource type each must be scoped to.
+#: Data Owner on the upgrade queue is a decision (docs/deploying.md, "Scale"): target-based scaling
+#: reads the queue's length, which needs Manage; check_least_privilege_roles keeps it on that queue.
 ALLOWED_ROLES = {
-    SERVICE_BUS_DATA_RECEIVER: "Microsoft.ServiceBus/namespaces/queues",
-    SERVICE_BUS_DATA_SENDER: "Microsoft.ServiceBus/namespaces/queues",
+    SERVICE_BUS_DATA_OWNER: QUEUE,
+    SERVICE_BUS_DATA_RECEIVER: QUEUE,
+    SERVICE_BUS_DATA_SENDER: QUEUE,
     STORAGE_BLOB_DATA_OWNER: "Microsoft.Storage/storageAccounts",
+    STORAGE_TABLE_DATA_CONTRIBUTOR: TABLE,
+    STORAGE_TABLE_DATA_READER: TABLE,
     MONITORING_METRICS_PUBLISHER: "Microsoft.Insights/components",
 }
 
 #: Roles that must never appear anywhere in infra/.
 FORBIDDEN_ROLES = {
-    "090c5cfd-751d-490a-894a-3ce6f1109419": "Azure Service Bus Data Owner",
     "8e3af657-a8ff-443c-a75c-2fe8c4bcb635": "Owner",
     "b24988ac-6180-42a0-ab88-20f7382dd24c": "Contributor",
     "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9": "User Access Administrator",
@@ -105,6 +122,7 @@ GRAPH_APP_ROLE_IDS = {
     "TeamsAppInstallation.ReadWriteForChat.All": "9e19bae1-2623-4c4f-ab6e-2664615ff9a0",
     "TeamsAppInstallation.ReadWriteAndConsentForChat.All": "6e74eff9-4a21-45d6-bc03-3a20f61f8281",
     "GroupMember.Read.All": "98830695-27a2-44f7-8c18-0c3ebc9698f6",
+    "AppCatalog.Read.All": "e12dae10-5a57-4817-b79d-dfbec5348930",
 }
 DEFAULT_USER_SCOPE_PERMISSION = "TeamsAppInstallation.ReadWriteForUser.All"
 MICROSOFT_GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000"
@@ -117,8 +135,21 @@ MAX_INLINE_WAIT_LIMIT_SECONDS = 120
 SERVICE_BUS_MAX_LOCK_SECONDS = 300
 #: "A long time to live" for the dead-letter queue.
 DEADLETTER_MIN_TTL_SECONDS = 30 * 24 * 3600
-#: The default maximum instance count stays small (docs/deploying.md, "Scale and Graph's limit").
-MAX_DEFAULT_INSTANCE_COUNT = 4
+#: The lowest maximumInstanceCount Flex Consumption accepts in most regions (research/fleet.md §1):
+#: the default, so that the template deploys in every region.
+FLEX_LOWEST_MAXIMUM_INSTANCE_COUNT = 40
+
+#: Regions of Microsoft's Flex Consumption azd templates (Azure-Samples/functions-quickstart-python-http-azd,
+#: infra/main.bicep). main.bicep may offer these (the canary eastus2euap is left out on purpose).
+FLEX_CONSUMPTION_REGIONS = frozenset(
+    (
+        *("australiaeast", "australiasoutheast", "brazilsouth", "canadacentral", "centralindia", "centralus"),
+        *("eastasia", "eastus", "eastus2", "francecentral", "germanywestcentral", "italynorth", "japaneast"),
+        *("koreacentral", "northcentralus", "northeurope", "norwayeast", "southafricanorth", "southcentralus"),
+        *("southeastasia", "southindia", "spaincentral", "swedencentral", "uaenorth", "uksouth", "ukwest"),
+        *("westcentralus", "westeurope", "westus", "westus2", "westus3"),
+    )
+)
 
 AZD_SERVICE_NAME = "upgrader"
 
@@ -433,6 +464,8 @@ class BicepFile:
 @dataclass
 class Infra:
     texts: dict[str, str]
+    #: The project folder azd packages (azure.yaml ``project: .``): what .funcignore is checked against.
+    root: Path = ROOT
 
     @classmethod
     def load(cls) -> Infra:
@@ -458,7 +491,7 @@ class Infra:
     def replaced(self, name: str, old: str, new: str) -> Infra:
         """A copy with one edit, for checking that a check notices it."""
         assert self.texts[name].count(old) == 1, f"{old!r} is not in {name} exactly once"
-        return Infra({**self.texts, name: self.texts[name].replace(old, new)})
+        return Infra({**self.texts, name: self.texts[name].replace(old, new)}, self.root)
 
     def bicep(self, name: str) -> BicepFile:
         return BicepFile.parse(self.texts[f"infra/{name}"])
@@ -506,12 +539,16 @@ class Infra:
 
     def queue(self, setting: str) -> Resource:
         """The queue resource whose name is the app setting ``setting``."""
+        return self.named_by(setting, QUEUE)
+
+    def named_by(self, setting: str, type_: str) -> Resource:
+        """The resource of type ``type_`` whose name is the app setting ``setting``."""
         value = str(self.app_settings()[setting])
         m = re.fullmatch(r"(\w+)\.name", value)
-        assert m, f"{setting} should be the name of a queue resource, is {value!r}"
-        queue = self.resources.resources[m.group(1)]
-        assert queue.type.startswith("Microsoft.ServiceBus/namespaces/queues@"), queue.type
-        return queue
+        assert m, f"{setting} should be the name of a {type_} resource, is {value!r}"
+        resource = self.resources.resources[m.group(1)]
+        assert resource.type.startswith(f"{type_}@"), resource.type
+        return resource
 
 
 Check = Callable[[Infra], list[str]]
@@ -572,6 +609,8 @@ def default_graph_roles(main: BicepFile) -> list[str]:
             roles.append(str(default))
     if literal(main.params["enableGroupFanOut"].default or "") is True:
         roles.append("GroupMember.Read.All")
+    if literal(main.params["enableVersionChecks"].default or "") is True:
+        roles.append("AppCatalog.Read.All")
     return roles
 
 
@@ -746,22 +785,138 @@ def check_least_privilege_roles(infra: Infra) -> list[str]:
         for role, title in FORBIDDEN_ROLES.items():
             if role in code.lower():
                 problems.append(f"{name} mentions the {title} role ({role})")
-    # The function's identity: receive + send on the upgrade queue, send on the dead-letter queue.
-    identity_grants = set()
-    for assignment, role, scope in assignments:
-        properties = assignment.body.get("properties")
-        if isinstance(properties, dict) and properties.get("principalId") == "identity.properties.principalId":
-            identity_grants.add((role, scope.symbol if scope else None))
+    # The function's identity: Data Owner on the upgrade queue (receive, send, and the queue length
+    # that target-based scaling reads; it subsumes Receiver and Sender), Sender on the dead-letter
+    # queue. Data Owner anywhere else, or for anyone else, is a privilege nobody decided on.
     upgrade = infra.queue("UPGRADE_QUEUE_NAME").symbol
     deadletter = infra.queue("DEADLETTER_QUEUE_NAME").symbol
-    queue_grants = {grant for grant in identity_grants if grant[1] in (upgrade, deadletter)}
-    expected = {
-        (SERVICE_BUS_DATA_RECEIVER, upgrade),
-        (SERVICE_BUS_DATA_SENDER, upgrade),
-        (SERVICE_BUS_DATA_SENDER, deadletter),
+    queue_grants = {
+        (role, scope.symbol if scope else None)
+        for assignment, role, scope in assignments
+        if principal(assignment) == IDENTITY_PRINCIPAL and (scope.symbol if scope else None) in (upgrade, deadletter)
     }
+    expected = {(SERVICE_BUS_DATA_OWNER, upgrade), (SERVICE_BUS_DATA_SENDER, deadletter)}
     if queue_grants != expected:
         problems.append(f"the identity's queue roles are {sorted(map(str, queue_grants))}, expected {sorted(expected)}")
+    for assignment, role, scope in assignments:
+        if role == SERVICE_BUS_DATA_OWNER and (
+            principal(assignment) != IDENTITY_PRINCIPAL or scope is None or scope.symbol != upgrade
+        ):
+            problems.append(f"{assignment.symbol}: Data Owner is for the function's identity on the upgrade queue only")
+    return problems
+
+
+IDENTITY_PRINCIPAL = "identity.properties.principalId"
+
+
+def principal(assignment: Resource) -> str | None:
+    properties = assignment.body.get("properties")
+    return str(properties.get("principalId")) if isinstance(properties, dict) else None
+
+
+def check_tables(infra: Infra) -> list[str]:
+    """The budget and ledger tables exist, are the app settings', and the identity may read and
+    write exactly those two (contract §7, §8); the deployer may only read the ledger."""
+    problems = []
+    settings = infra.app_settings()
+    tables = {setting: infra.named_by(setting, TABLE) for setting in ("GRAPH_BUDGET_TABLE", "ROLLOUT_TABLE")}
+    if len({table.symbol for table in tables.values()}) != 2:
+        problems.append("GRAPH_BUDGET_TABLE and ROLLOUT_TABLE must be two tables")
+    for setting, table in tables.items():
+        if not str(table.body.get("parent", "")).startswith("storage::"):
+            problems.append(f"{setting}: table {table.symbol} is not in the host storage account")
+    grants = {
+        (principal(assignment), role, scope.symbol if scope else None)
+        for assignment, role, scope in role_assignments(infra)
+        if role in (STORAGE_TABLE_DATA_CONTRIBUTOR, STORAGE_TABLE_DATA_READER)
+    }
+    expected = {(IDENTITY_PRINCIPAL, STORAGE_TABLE_DATA_CONTRIBUTOR, table.symbol) for table in tables.values()}
+    expected.add(("deployerPrincipalId", STORAGE_TABLE_DATA_READER, tables["ROLLOUT_TABLE"].symbol))
+    if grants != expected:
+        problems.append(f"table roles are {sorted(map(str, grants))}, expected {sorted(map(str, expected))}")
+    # The identity form of AzureWebJobsStorage the deployment sets is one the code accepts.
+    uri = settings.get("AzureWebJobsStorage__tableServiceUri")
+    if uri != "storage.properties.primaryEndpoints.table":
+        problems.append(f"AzureWebJobsStorage__tableServiceUri is {uri!r}, not the storage account's table endpoint")
+    environment = {
+        **environment_for("AzureWebJobsStorage__tableServiceUri", "https://upgraderabc.table.core.windows.net/"),
+        "AzureWebJobsStorage__credential": str(literal(str(settings.get("AzureWebJobsStorage__credential")))),
+        "AzureWebJobsStorage__clientId": "11111111-2222-3333-4444-555555555555",
+    }
+    try:
+        storage = Settings.from_environment(environment).storage
+    except ConfigurationError as error:
+        problems.append(f"the code refuses the deployment's storage settings: {error}")
+    else:
+        if storage is None or storage.table_service_uri is None:
+            problems.append("with the deployment's storage settings the code has no shared budget")
+    return problems
+
+
+def check_location(infra: Infra) -> list[str]:
+    """azd offers only regions with Flex Consumption (as Microsoft's own azd templates do)."""
+    location = infra.main.params.get("location")
+    if location is None:
+        return ["main.bicep has no location parameter"]
+    problems = []
+    allowed = location.allowed()
+    if not allowed:
+        problems.append("location accepts any region; allow only regions with Flex Consumption")
+    unknown = sorted(str(region) for region in allowed if region not in FLEX_CONSUMPTION_REGIONS)
+    if unknown:
+        problems.append(f"location allows regions without Flex Consumption (as far as we know): {unknown}")
+    if location.default is not None:
+        problems.append("location must have no default: azd asks for it")
+    metadata = location.decorators.get("metadata", "")
+    if not re.search(r"azd\s*:\s*\{\s*type\s*:\s*'location'\s*\}", metadata):
+        problems.append("location needs @metadata({azd: {type: 'location'}}) so that azd offers the allowed regions")
+    return problems
+
+
+def check_name_prefix(infra: Infra) -> list[str]:
+    """An upper-case namePrefix cannot break the storage account name: every name uses it lowered."""
+    main = infra.main
+    problems = []
+    if "namePrefix" not in main.params:
+        return ["main.bicep has no namePrefix parameter"]
+    code = main.text  # strings included: '${namePrefix}...' is a use too
+    for m in re.finditer(r"\bnamePrefix\b", code):
+        if code.startswith("param namePrefix", m.start() - len("param ")):
+            continue
+        if not code.endswith("toLower(", 0, m.start()):
+            line = code.count("\n", 0, m.start()) + 1
+            problems.append(f"main.bicep:{line}: namePrefix used without toLower()")
+    passed = main.modules["resources"].body.get("params")
+    lowered = [name for name, raw in main.variables.items() if raw.replace(" ", "") == "toLower(namePrefix)"]
+    for name in ("baseName", "storageAccountName"):
+        raw = str(passed.get(name, "")) if isinstance(passed, dict) else ""
+        if not any(f"${{{var}}}" in raw for var in lowered):
+            problems.append(f"{name} = {raw!r} does not start from the lowered prefix")
+    return problems
+
+
+def check_deployer_access(infra: Infra) -> list[str]:
+    """azd always fills AZURE_PRINCIPAL_ID, so the deployer's roles have an explicit opt-out."""
+    main, res = infra.main, infra.resources
+    problems = []
+    opt_in = main.params.get("grantDeployerAccess")
+    if opt_in is None or opt_in.type != "bool" or literal(opt_in.default or "") is not True:
+        problems.append("main.bicep needs grantDeployerAccess (bool, default true)")
+    mapped = json.loads(infra.texts["infra/main.parameters.json"])["parameters"]
+    if mapped.get("grantDeployerAccess", {}).get("value") != "${GRANT_DEPLOYER_ACCESS=true}":
+        problems.append("main.parameters.json must map grantDeployerAccess to ${GRANT_DEPLOYER_ACCESS=true}")
+    passed = main.modules["resources"].body.get("params")
+    given = passed.get("deployerPrincipalId") if isinstance(passed, dict) else None
+    if given != "grantDeployerAccess ? deployerPrincipalId : ''":
+        problems.append(f"the resources module gets deployerPrincipalId = {given!r}, regardless of grantDeployerAccess")
+    if res.variables.get("deployerHasAccess") != "!empty(deployerPrincipalId)":
+        problems.append("resources.bicep must give the deployer roles only when deployerPrincipalId is set")
+    deployer = [a for a, _, _ in role_assignments(infra) if principal(a) == "deployerPrincipalId"]
+    if not deployer:
+        problems.append("the deployer gets no role at all (no first request, no dead letters to read)")
+    problems += [
+        f"{a.symbol} is not conditional on deployerHasAccess" for a in deployer if a.condition != "deployerHasAccess"
+    ]
     return problems
 
 
@@ -895,9 +1050,14 @@ def check_function_app(infra: Infra) -> list[str]:
         problems.append("maximumInstanceCount must come from the parameter")
     if "kind" not in site.body or "functionapp,linux" not in str(site.body["kind"]):
         problems.append("kind must be functionapp,linux")
+    # Below 40 Flex Consumption refuses the deployment in most regions; above it, nothing needs more
+    # (the shared budget holds Graph's pace, not the instance count).
     default = literal(infra.main.params["maximumInstanceCount"].default or "")
-    if not isinstance(default, int) or not 1 <= default <= MAX_DEFAULT_INSTANCE_COUNT:
-        problems.append(f"maximumInstanceCount default {default} must be small (<= {MAX_DEFAULT_INSTANCE_COUNT})")
+    if default != FLEX_LOWEST_MAXIMUM_INSTANCE_COUNT:
+        problems.append(
+            f"maximumInstanceCount default {default} must be {FLEX_LOWEST_MAXIMUM_INSTANCE_COUNT}, "
+            "the lowest Flex Consumption accepts in every region"
+        )
     tags = str(site.body.get("tags"))
     tag_source = res.variables.get(tags, tags)
     if f"'azd-service-name': '{AZD_SERVICE_NAME}'" not in tag_source:
@@ -953,12 +1113,20 @@ def check_graph_permissions(infra: Infra) -> list[str]:
         problems.append("enableGroupFanOut must exist and default to true")
     if "enableGroupFanOut ? ['GroupMember.Read.All']" not in main.variables.get("graphAppRoles", ""):
         problems.append("GroupMember.Read.All must be added when enableGroupFanOut")
+    versions = main.params.get("enableVersionChecks")
+    if versions is None or literal(versions.default or "") is not True:
+        problems.append("enableVersionChecks must exist and default to true (contract §8 reads the catalog)")
+    if "enableVersionChecks ? ['AppCatalog.Read.All']" not in main.variables.get("graphAppRoles", ""):
+        problems.append("AppCatalog.Read.All must be added when enableVersionChecks")
     defaults = re.search(r'^readonly DEFAULT_APP_ROLES="([^"]*)"', infra.texts[SCRIPT_NAME], re.M)
     if defaults is None or defaults.group(1).split(",") != default_graph_roles(main):
         problems.append("the script's default permissions differ from main.bicep's defaults")
+    # Optional, and left out when there is nothing to grant (an empty grant list is no error).
     module = main.modules.get("graphPermission")
-    if module is None or module.condition != "grantGraphPermissions":
-        problems.append("the Graph grant must be an optional module (if (grantGraphPermissions))")
+    if module is None or module.condition != "grantGraphPermissions && !empty(graphAppRoles)":
+        problems.append(
+            "the Graph grant must be an optional module (if (grantGraphPermissions && !empty(graphAppRoles)))"
+        )
     elif module.body.get("params") != {
         "principalId": "resources.outputs.identityPrincipalId",
         "appRoles": "graphAppRoles",
@@ -1081,49 +1249,191 @@ def check_azure_yaml(infra: Infra) -> list[str]:
     return problems
 
 
-def funcignored(patterns: list[str], path: str) -> bool:
-    """Whether a .funcignore (gitignore syntax, the subset used there) leaves ``path`` out."""
-    parts = path.split("/")
-    for pattern in patterns:
-        if pattern.startswith("/"):  # anchored at the project folder
-            if fnmatch(path, pattern[1:]) and path.count("/") == pattern.count("/") - 1:
-                return True
-        elif pattern.endswith("/"):
-            if pattern.rstrip("/") in parts[:-1] or any(fnmatch(p, pattern.rstrip("/")) for p in parts[:-1]):
-                return True
-        elif any(fnmatch(p, pattern) for p in parts) or fnmatch(path, pattern):
+# .funcignore, read the way azd reads it. azd (pkg/azdext dotignore, used when it zips a service)
+# parses the file with github.com/denormal/go-gitignore and asks Relative(path, isDir) about every
+# entry it copies; an ignored directory is skipped with everything in it. The rules below are that
+# library's (pattern.go, ignore.go), which differ from git's in two places worth knowing:
+# - a pattern with a slash inside but not at the start (``a/b``) matches the LAST components of a
+#   path, so it also matches ``x/a/b``; a leading slash anchors it at the .funcignore's folder;
+# - a pattern with a leading slash and no other slash (``/*.md``) is matched against the whole
+#   path without FNM_PATHNAME, so its ``*`` crosses ``/``: ``/*.md`` leaves out every .md file.
+# Elsewhere ``*``, ``?`` and ``[...]`` stay within one path component, ``**`` spans any number of
+# them, a trailing slash matches directories only, ``!`` re-includes, and the last match wins.
+
+
+def fnmatch_regex(pattern: str, *, pathname: bool) -> re.Pattern[str]:
+    """BSD fnmatch(3) as go-gitignore calls it (danwakefield/fnmatch, no FNM_PERIOD): with
+    ``pathname`` the wildcards never match ``/``."""
+    one = "[^/]" if pathname else "."
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            while i < n and pattern[i] == "*":
+                i += 1
+            out.append(f"{one}*")
+            continue
+        if c == "?":
+            out.append(one)
+        elif c == "[":
+            j = i + 1
+            negate = j < n and pattern[j] in "!^"
+            j += negate
+            close = pattern.find("]", j + 1)
+            if close < 0:  # fnmatch: an unclosed bracket matches nothing
+                return re.compile(r"(?!)")
+            members = "".join("\\" + m if m in "\\^[]" else m for m in pattern[j:close])
+            out.append(("(?!/)" if pathname else "") + f"[{'^' if negate else ''}{members}]")
+            i = close
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.S)
+
+
+@dataclass(frozen=True)
+class IgnorePattern:
+    """One line of a .funcignore, compiled as go-gitignore compiles it."""
+
+    line: str
+    negated: bool
+    anchored: bool
+    directory: bool
+    body: str  # without the leading ``!`` and ``/`` and the trailing ``/``
+
+    @classmethod
+    def parse(cls, line: str) -> IgnorePattern | None:
+        text = line.rstrip("\r\n").rstrip()
+        if not text or text.startswith("#"):
+            return None
+        body = text
+        negated = body.startswith("!")
+        body = body[negated:]
+        anchored = body.startswith("/")
+        body = body[anchored:]
+        directory = body.endswith("/")
+        body = body[: len(body) - directory]
+        return cls(line, negated, anchored, directory, body) if body else None
+
+    def matches(self, path: str, is_dir: bool) -> bool:
+        """Whether this pattern matches ``path`` (relative to the .funcignore, ``/``-separated)."""
+        if self.directory and not is_dir:
+            return False
+        segments = self.body.split("/")
+        if "**" in segments:  # go-gitignore's "wildcard" pattern: component by component
+            tokens = [s for s in segments if s]
+            if not self.anchored and tokens[0] != "**":
+                tokens.insert(0, "**")
+            return _match_components(path.split("/"), tokens)
+        if len(segments) > 1:  # a "path" pattern
+            if self.anchored:
+                return bool(fnmatch_regex(self.body, pathname=True).fullmatch(path))
+            parts = path.split("/")
+            if len(parts) < len(segments):
+                return False
+            tail = "/".join(parts[-len(segments) :])
+            return bool(fnmatch_regex(self.body, pathname=True).fullmatch(tail))
+        # a "name" pattern: the last component, or (anchored) the whole path without FNM_PATHNAME
+        subject = path if self.anchored else path.rsplit("/", 1)[-1]
+        return bool(fnmatch_regex(self.body, pathname=False).fullmatch(subject))
+
+
+def _match_components(parts: list[str], tokens: list[str]) -> bool:
+    if not tokens:
+        return not parts
+    if tokens[0] == "**":
+        return _match_components(parts, tokens[1:]) or (bool(parts) and _match_components(parts[1:], tokens))
+    return (
+        bool(parts)
+        and bool(fnmatch_regex(tokens[0], pathname=True).fullmatch(parts[0]))
+        and _match_components(parts[1:], tokens[1:])
+    )
+
+
+def ignore_patterns(text: str) -> list[IgnorePattern]:
+    return [pattern for line in text.splitlines() if (pattern := IgnorePattern.parse(line))]
+
+
+def funcignored(patterns: list[IgnorePattern], path: str) -> bool:
+    """Whether azd leaves ``path`` out of the package (a trailing ``/`` marks a directory): when the
+    last pattern matching it, or one of its parent directories, is not a ``!`` pattern."""
+    parts = path.rstrip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        is_dir = depth < len(parts) or path.endswith("/")
+        candidate = "/".join(parts[:depth])
+        last = next((p for p in reversed(patterns) if p.matches(candidate, is_dir)), None)
+        if last is not None and not last.negated:
             return True
     return False
 
 
+def imported_files(root: Path, entry: str) -> set[str]:
+    """``entry`` and every file of ``root`` it imports, directly or through other modules (any
+    import statement, at module level or inside a function), as paths relative to ``root``."""
+    found: set[str] = set()
+    todo = [root / entry]
+    while todo:
+        path = todo.pop()
+        relative = path.relative_to(root).as_posix()
+        if relative in found:
+            continue
+        found.add(relative)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    package = path.parent
+                    for _ in range(node.level - 1):
+                        package = package.parent
+                    prefix = ".".join(package.relative_to(root).parts)
+                    base = f"{prefix}.{base}" if base else prefix
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                for k in range(1, len(parts) + 1):
+                    stem = root.joinpath(*parts[:k])
+                    for candidate in (stem / "__init__.py", stem.with_suffix(".py")):
+                        if candidate.is_file():
+                            todo.append(candidate)
+    return found
+
+
+#: Files the Functions host reads besides the Python the function imports.
+HOST_FILES = ("host.json", "requirements.txt")
+
+
 def check_funcignore(infra: Infra) -> list[str]:
-    patterns = [
-        line.strip() for line in infra.texts[".funcignore"].splitlines() if line.strip() and not line.startswith("#")
+    """The package holds what the function imports (and the host's files) and nothing else: every
+    other top-level entry of the project folder, every sub-package the function never imports,
+    and compiled caches are left out."""
+    patterns = ignore_patterns(infra.texts[".funcignore"])
+    root = infra.root
+    needed = sorted(imported_files(root, "function_app.py") | set(HOST_FILES))
+    problems = [
+        f".funcignore leaves out {path}, which the function needs" for path in needed if funcignored(patterns, path)
     ]
-    problems = []
-    for path in (
-        "tests/test_infra.py",
-        "bench/run.py",
-        "infra/main.bicep",
-        "docs/deploying.md",
-        ".venv/bin/python",
-        "upgrade_handler/__pycache__/settings.cpython-311.pyc",
-        ".git/HEAD",
-        "requirements-dev.txt",
-        "README.md",
-    ):
-        if not funcignored(patterns, path):
-            problems.append(f".funcignore does not leave out {path}")
-    for path in (
-        "function_app.py",
-        "host.json",
-        "requirements.txt",
-        "upgrade_handler/settings.py",
-        "upgrade_handler/__init__.py",
-        "upgrade_handler/samples/README.md",
-    ):
-        if funcignored(patterns, path):
-            problems.append(f".funcignore leaves out {path}, which the function needs")
+    needed_dirs = {"/".join(path.split("/")[:k]) for path in needed for k in range(1, path.count("/") + 1)}
+    needed_top = {path.split("/")[0] for path in needed}
+    for entry in sorted(root.iterdir()):
+        name = entry.name + ("/" if entry.is_dir() else "")
+        if entry.name not in needed_top and not funcignored(patterns, name):
+            problems.append(f".funcignore does not leave out {name}, which the function does not need")
+    for package in sorted(needed_dirs):
+        for sub in sorted((root / package).iterdir()):
+            relative = f"{package}/{sub.name}"
+            unused_package = sub.is_dir() and relative not in needed_dirs and any(sub.rglob("*.py"))
+            if unused_package and not funcignored(patterns, f"{relative}/"):
+                problems.append(f".funcignore does not leave out {relative}/, which the function never imports")
+    for cache in (f"{needed_top_dir}/__pycache__/x.cpython-311.pyc" for needed_top_dir in sorted(needed_dirs)):
+        if not funcignored(patterns, cache):
+            problems.append(f".funcignore does not leave out {cache}")
     return problems
 
 
@@ -1133,6 +1443,10 @@ CHECKS: list[Check] = [
     check_no_keys_or_connection_strings,
     check_local_auth_disabled,
     check_least_privilege_roles,
+    check_tables,
+    check_location,
+    check_name_prefix,
+    check_deployer_access,
     check_upgrade_queue,
     check_deadletter_queue,
     check_setting_defaults_match_the_code,
@@ -1189,16 +1503,66 @@ BREAKAGES: list[tuple[Check, str, str, str]] = [
         f"scope: serviceBus\n  properties: {{\n    roleDefinitionId: {SENDER_ID}",
     ),
     (
+        # Data Owner for the deployer too.
         check_least_privilege_roles,
         RES,
-        "'4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'",
-        "'090c5cfd-751d-490a-894a-3ce6f1109419'",
+        "guid(upgradeQueue.id, deployerPrincipalId, roleIds.serviceBusDataSender)\n  scope: upgradeQueue\n"
+        f"  properties: {{\n    roleDefinitionId: {SENDER_ID}",
+        "guid(upgradeQueue.id, deployerPrincipalId, roleIds.serviceBusDataSender)\n  scope: upgradeQueue\n"
+        f"  properties: {{\n    roleDefinitionId: {SENDER_ID.replace('Sender', 'Owner')}",
     ),
     (
+        # Data Owner on the dead-letter queue instead of the upgrade queue.
         check_least_privilege_roles,
         RES,
-        "identity.id, roleIds.serviceBusDataSender)\n  scope: upgradeQueue",
-        "identity.id, roleIds.serviceBusDataSender)\n  scope: deadLetterQueue",
+        "identity.id, roleIds.serviceBusDataOwner)\n  scope: upgradeQueue",
+        "identity.id, roleIds.serviceBusDataOwner)\n  scope: deadLetterQueue",
+    ),
+    (
+        # Data Receiver instead of Data Owner: the scale controller cannot read the queue's length.
+        check_least_privilege_roles,
+        RES,
+        "serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'",
+        "serviceBusDataOwner: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'",
+    ),
+    (check_tables, RES, "  scope: graphBudgetTable\n", "  scope: storage\n"),
+    (
+        check_tables,
+        RES,
+        "  scope: rolloutTable\n  properties: {\n    roleDefinitionId: subscriptionResourceId("
+        "'Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataReader)",
+        "  scope: graphBudgetTable\n  properties: {\n    roleDefinitionId: subscriptionResourceId("
+        "'Microsoft.Authorization/roleDefinitions', roleIds.storageTableDataReader)",
+    ),
+    (check_tables, RES, "ROLLOUT_TABLE: rolloutTable.name", "ROLLOUT_TABLE: graphBudgetTable.name"),
+    (
+        check_tables,
+        RES,
+        "  AzureWebJobsStorage__credential: 'managedidentity'",
+        "  AzureWebJobsStorage__credential: 'key'",
+    ),
+    (
+        check_tables,
+        RES,
+        "AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table",
+        "AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.blob",
+    ),
+    (check_location, MAIN, "  'westus3'\n])", "  'westus3'\n  'chinanorth3'\n])"),
+    (check_location, MAIN, "    type: 'location'\n", "    type: 'string'\n"),
+    (check_name_prefix, MAIN, "var prefix = toLower(namePrefix)", "var prefix = namePrefix"),
+    (check_name_prefix, MAIN, "storageAccountName: take('${prefix}", "storageAccountName: take('${namePrefix}"),
+    (
+        check_deployer_access,
+        MAIN,
+        "deployerPrincipalId: grantDeployerAccess ? deployerPrincipalId : ''",
+        "deployerPrincipalId: deployerPrincipalId",
+    ),
+    (check_deployer_access, PARAMS, "${GRANT_DEPLOYER_ACCESS=true}", "${GRANT_DEPLOYER_ACCESS=false}"),
+    (
+        check_deployer_access,
+        RES,
+        "deployerRolloutTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (deployerHasAccess)",
+        "deployerRolloutTableReader 'Microsoft.Authorization/roleAssignments@2022-04-01' =",
     ),
     (check_upgrade_queue, RES, "maxDeliveryCount: 10\n    // How long", "maxDeliveryCount: 5\n    // How long"),
     (check_upgrade_queue, RES, "lockDuration: 'PT2M30S'", "lockDuration: 'PT1M'"),
@@ -1226,7 +1590,7 @@ BREAKAGES: list[tuple[Check, str, str, str]] = [
     (check_graph_base_url, MAIN, "param graphCloud string = 'global'", "param graphCloud string = 'usgov'"),
     (check_function_app, RES, "version: '3.11'", "version: '3.12'"),
     (check_function_app, RES, "tier: 'FlexConsumption'", "tier: 'Dynamic'"),
-    (check_function_app, MAIN, "param maximumInstanceCount int = 4", "param maximumInstanceCount int = 100"),
+    (check_function_app, MAIN, "param maximumInstanceCount int = 40", "param maximumInstanceCount int = 4"),
     (check_function_app, RES, "'azd-service-name': 'upgrader'", "'azd-service-name': 'api'"),
     (
         check_concurrency_agrees_with_host_json,
@@ -1254,16 +1618,23 @@ BREAKAGES: list[tuple[Check, str, str, str]] = [
         "userScopePermission string = 'TeamsAppInstallation.ReadWriteAndConsentForUser.All'",
     ),
     (check_graph_permissions, MAIN, "param enableGroupFanOut bool = true", "param enableGroupFanOut bool = false"),
-    (check_graph_permissions, SCRIPT_NAME, ',GroupMember.Read.All"', '"'),
+    (check_graph_permissions, SCRIPT_NAME, ',AppCatalog.Read.All"', '"'),
+    (check_graph_permissions, GRAPH, "'AppCatalog.Read.All': 'e12dae10-5a57-4817-b79d-dfbec5348930'\n", ""),
+    (check_graph_permissions, MAIN, "param enableVersionChecks bool = true", "param enableVersionChecks bool = false"),
     (
         check_graph_permissions,
         MAIN,
         "ConsentForUser.All'\n  'none'",
         "ConsentForUser.All'\n  'x.ReadWriteSelfForUser.All'",
     ),
-    (check_graph_permissions, MAIN, "= if (grantGraphPermissions) {", "= {"),
+    (
+        check_graph_permissions,
+        MAIN,
+        "= if (grantGraphPermissions && !empty(graphAppRoles)) {",
+        "= if (grantGraphPermissions) {",
+    ),
     (check_parameters_file, PARAMS, '"${AZURE_LOCATION}"', '"${LOCATION}"'),
-    (check_parameters_file, PARAMS, "${MAXIMUM_INSTANCE_COUNT=4}", "${MAXIMUM_INSTANCE_COUNT=40}"),
+    (check_parameters_file, PARAMS, "${MAXIMUM_INSTANCE_COUNT=40}", "${MAXIMUM_INSTANCE_COUNT=4}"),
     (check_outputs, MAIN, "output GRAPH_APP_ROLES string", "output GRAPH_ROLES string"),
     (check_azure_yaml, "azure.yaml", "language: python", "language: js"),
     (check_azure_yaml, "azure.yaml", "project: .", "project: ./src"),
@@ -1336,6 +1707,104 @@ def test_duration_parsers() -> None:
     for bad in ("P", "PT", "2M", "P1DT"):
         with pytest.raises(ValueError, match="ISO 8601"):
             iso_seconds(bad)
+
+
+#: (.funcignore lines, path, whether azd leaves the path out): go-gitignore's rules as azd applies
+#: them (see the comment above fnmatch_regex). A trailing "/" on the path marks a directory.
+FUNCIGNORE_CASES: list[tuple[list[str], str, bool]] = [
+    # A name pattern matches the last component, at any depth.
+    (["*.pyc"], "upgrade_handler/__pycache__/settings.cpython-311.pyc", True),
+    (["Makefile"], "bench/Makefile", True),
+    (["*.pyc"], "upgrade_handler/settings.py", False),
+    # A trailing slash: directories only, and everything in them.
+    (["tests/"], "tests/test_infra.py", True),
+    (["tests/"], "tests", False),
+    (["build/"], "upgrade_handler/build/x.py", True),
+    # A slash inside: the path's last components, so a multi-segment directory pattern works
+    # (issue 13 item 6: the old matcher deployed upgrade_handler/cli/app.py).
+    (["upgrade_handler/cli/"], "upgrade_handler/cli/app.py", True),
+    (["upgrade_handler/cli/"], "upgrade_handler/client.py", False),
+    (["upgrade_handler/cli/"], "upgrade_handler/cli", False),
+    (["upgrade_handler/__main__.py"], "upgrade_handler/__main__.py", True),
+    (["a/b"], "x/a/b", True),  # go-gitignore; git would anchor it
+    (["a/b"], "b", False),
+    # `*` does not cross `/` in a path pattern.
+    (["upgrade_handler/*.py"], "upgrade_handler/cli/app.py", False),
+    (["upgrade_handler/*.py"], "upgrade_handler/settings.py", True),
+    # A leading slash anchors at the .funcignore's folder.
+    (["/a/*.py"], "x/a/c.py", False),
+    (["/a/*.py"], "a/c.py", True),
+    (["/tests/"], "bench/tests/x.py", False),
+    # A leading slash and no other: the whole path without FNM_PATHNAME, so `*` crosses `/`.
+    (["/*.md"], "README.md", True),
+    (["/*.md"], "upgrade_handler/samples/README.md", True),
+    (["/*.md"], "upgrade_handler/settings.py", False),
+    # `**` spans any number of components (none included).
+    (["**/build"], "x/y/build", True),
+    (["a/**/b"], "a/b", True),
+    (["a/**/b"], "a/x/y/b", True),
+    (["a/**/b"], "a/x/y/c", False),
+    (["docs/**"], "docs/deploying.md", True),
+    # `?` and brackets stay in one component.
+    (["?.py"], "a.py", True),
+    (["a?b"], "a/b", False),
+    (["*.py[co]"], "x/y.pyc", True),
+    (["*.py[!co]"], "x/y.pyc", False),
+    # `!` re-includes; the last matching line wins; an ignored directory keeps its contents out.
+    (["*.md", "!README.md"], "README.md", False),
+    (["*.md", "!README.md"], "docs/x.md", True),
+    (["!x.py", "*.py"], "x.py", True),
+    (["docs/", "!docs/keep.md"], "docs/keep.md", True),
+    # Comments and blank lines are no patterns.
+    (["# tests/", "", "   "], "tests/x.py", False),
+]
+
+
+@pytest.mark.parametrize(("lines", "path", "left_out"), FUNCIGNORE_CASES)
+def test_funcignore_matches_like_azd(lines: list[str], path: str, left_out: bool) -> None:
+    assert funcignored(ignore_patterns("\n".join(lines)), path) is left_out
+
+
+def test_imported_files_follows_every_import(tmp_path: Path) -> None:
+    # Given an entry module that imports a package, which imports a sibling relatively and another
+    # inside a function, and a package nobody imports, then exactly the imported files are found.
+    files = {
+        "entry.py": "import pkg.a\n",
+        "pkg/__init__.py": "",
+        "pkg/a.py": "from . import b\n",
+        "pkg/b.py": "def f():\n    from pkg.sub import c\n",
+        "pkg/sub/__init__.py": "",
+        "pkg/sub/c.py": "import json\n",
+        "pkg/unused.py": "",
+        "other/__init__.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    found = imported_files(tmp_path, "entry.py")
+    assert found == {"entry.py", "pkg/__init__.py", "pkg/a.py", "pkg/b.py", "pkg/sub/__init__.py", "pkg/sub/c.py"}
+
+
+def test_funcignore_check_notices_a_new_package_left_in(infra: Infra, tmp_path: Path) -> None:
+    # Given the project with one more top-level package (new test equipment, say), and another
+    # sub-package of the deployed package that the function never imports, when .funcignore is
+    # unchanged, then the check names both: whatever they are called, they would be deployed.
+    for entry in infra.root.iterdir():
+        (tmp_path / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    (tmp_path / "equipment").mkdir()
+    (tmp_path / "equipment" / "__init__.py").write_text("", encoding="utf-8")
+    package = tmp_path / "deployed"
+    (package / "tools").mkdir(parents=True)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "tools" / "__init__.py").write_text("", encoding="utf-8")
+    (tmp_path / "function_app.py").unlink()
+    (tmp_path / "function_app.py").write_text(
+        (infra.root / "function_app.py").read_text(encoding="utf-8") + "\nimport deployed\n", encoding="utf-8"
+    )
+    problems = check_funcignore(Infra(infra.texts, tmp_path))
+    assert any("equipment/" in problem for problem in problems), problems
+    assert any("deployed/tools/" in problem for problem in problems), problems
+    assert not any("deployed/__init__.py" in problem for problem in problems), problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1437,7 +1906,10 @@ def test_script_is_idempotent(run_script: Callable[..., ScriptRun]) -> None:
     already = GRAPH_APP_ROLE_IDS["TeamsAppInstallation.ReadWriteForUser.All"]
     result = run_script(existing=already)
     assert result.returncode == 0, result.stderr
-    assert [p["appRoleId"] for p in result.posted] == [GRAPH_APP_ROLE_IDS["GroupMember.Read.All"]]
+    assert [p["appRoleId"] for p in result.posted] == [
+        GRAPH_APP_ROLE_IDS["GroupMember.Read.All"],
+        GRAPH_APP_ROLE_IDS["AppCatalog.Read.All"],
+    ]
 
 
 def test_script_check_only_reports(run_script: Callable[..., ScriptRun]) -> None:
@@ -1484,6 +1956,13 @@ def test_docs_name_the_deploy_steps() -> None:
         "GroupMember.Read.All",
         "TeamsAppInstallation.ReadWriteForUser.All",
         "GCC High",
+        "AppCatalog.Read.All",
+        "Azure Service Bus Data Owner",
+        "Storage Table Data Contributor",
+        "GRANT_DEPLOYER_ACCESS",
+        "Not a valid reference update",
+        "budget.degraded",
+        "graphbudget",
     ):
         assert needed in text, needed
 

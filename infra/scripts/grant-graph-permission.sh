@@ -21,14 +21,14 @@
 #   GRAPH_APP_ROLES                       --app-roles      permissions the deployment asked for
 #   GRAPH_BASE_URL                        --graph-url      Microsoft Graph root of the tenant cloud
 # Without GRAPH_APP_ROLES the Bicep defaults are used:
-#   TeamsAppInstallation.ReadWriteForUser.All and GroupMember.Read.All.
+#   TeamsAppInstallation.ReadWriteForUser.All, GroupMember.Read.All and AppCatalog.Read.All.
 #
 # Exit status: 0 all granted (or nothing missing with --check), 1 usage or Graph error,
 # 2 (--check only) some permission is missing.
 set -euo pipefail
 
 readonly MICROSOFT_GRAPH_APP_ID="00000003-0000-0000-c000-000000000000"
-readonly DEFAULT_APP_ROLES="TeamsAppInstallation.ReadWriteForUser.All,GroupMember.Read.All"
+readonly DEFAULT_APP_ROLES="TeamsAppInstallation.ReadWriteForUser.All,GroupMember.Read.All,AppCatalog.Read.All"
 
 # Microsoft Graph app role ids (the same in every tenant); keep equal to graphAppRoleIds in
 # infra/graph-permission.bicep (tests/test_infra.py compares them).
@@ -41,6 +41,7 @@ app_role_id() {
     TeamsAppInstallation.ReadWriteForChat.All) echo 9e19bae1-2623-4c4f-ab6e-2664615ff9a0 ;;
     TeamsAppInstallation.ReadWriteAndConsentForChat.All) echo 6e74eff9-4a21-45d6-bc03-3a20f61f8281 ;;
     GroupMember.Read.All) echo 98830695-27a2-44f7-8c18-0c3ebc9698f6 ;;
+    AppCatalog.Read.All) echo e12dae10-5a57-4817-b79d-dfbec5348930 ;;
     *) return 1 ;;
   esac
 }
