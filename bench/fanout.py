@@ -102,13 +102,13 @@ class CountingSender:
         for message in messages:
             properties = message.application_properties or {}
             message_id = str(message.message_id)
-            if PARENT_PROPERTY in properties:
+            if PAGE_PROPERTY in properties:  # a continuation (it names the fan-out's parent too)
+                (self.retries if ":retry:" in message_id else self.continuations).append(message_id)
+            elif PARENT_PROPERTY in properties:
                 body = message.body
                 raw = body if isinstance(body, bytes) else b"".join(body)
                 self.children.append((message_id, str(json.loads(raw)["userId"])))
                 self.children_done_at = time.monotonic()
-            elif PAGE_PROPERTY in properties and ":retry:" not in message_id:
-                self.continuations.append(message_id)
             elif ":retry:" in message_id:
                 self.retries.append(message_id)
             else:

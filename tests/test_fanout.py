@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -63,6 +64,7 @@ async def test_user_ids_become_one_skip_if_missing_request_per_user(invoke, grap
             "userId": body["userId"],
             "teamsAppId": APP,
             "requestId": "publish-2.3",
+            "rolloutId": "publish-2.3",  # §8: the requestId when it fits, inherited by every child
             "ifNotInstalled": "skip",
         }
     assert all(m.correlation_id == "catalog" for m in children)
@@ -195,3 +197,88 @@ async def test_invalid_fan_out_is_dead_lettered_without_graph_calls(invoke, grap
     assert letter.application_properties["DeadLetterReason"] == "InvalidMessage"
     assert graph.requests == []
     assert queued(broker) == []
+
+
+async def test_each_page_of_a_group_retries_under_its_own_name(invoke, graph, broker, clock):
+    """Issue: page 2's retry took page 1's retry id, duplicate detection dropped it, and the rest of
+    the group was never read. A continuation is a request of its own (§6)."""
+    members = [new_user(graph.tenant)[0] for _ in range(4)]
+    group = new_group(graph, members)
+    graph.tenant.group_page_size = 2
+    try:
+        # page 1's read is throttled: its retry is named after the first message
+        graph.script("group", Fault.throttled("60"))
+        await invoke(function_message({"groupId": group, "teamsAppId": APP}, message_id="grp"))
+        [retry] = queued(broker)
+        assert retry.message_id == "grp:retry:1"
+        broker.purge(UPGRADE_QUEUE)
+        await clock.sleep(61)  # the retry comes due once the throttle gate has opened again
+        # the retry reads page 1 and sends its children and the continuation for page 2
+        await invoke(function_message(retry.body, message_id=retry.message_id, properties=retry.application_properties))
+        continuation = next(m for m in queued(broker) if "groupId" in json.loads(m.body))
+        seen = [b["userId"] for b in bodies(queued(broker)) if "userId" in b]
+        assert not {"UpgradeAttempts", "OriginalMessageId", "FirstAttemptUtc", "DeferredAttempts"} & set(
+            continuation.application_properties
+        )
+        assert continuation.application_properties["FanOutParentMessageId"] == "grp"
+        broker.purge(UPGRADE_QUEUE)
+        # page 2's read is throttled too: its retry has a name of its own
+        graph.script("group", Fault.throttled("60"))
+        await invoke(
+            function_message(
+                continuation.body, message_id=continuation.message_id, properties=continuation.application_properties
+            )
+        )
+        [page_two_retry] = queued(broker)
+        assert page_two_retry.message_id == f"{continuation.message_id}:retry:1"
+        broker.purge(UPGRADE_QUEUE)
+        await clock.sleep(61)
+        await invoke(
+            function_message(
+                page_two_retry.body,
+                message_id=page_two_retry.message_id,
+                properties=page_two_retry.application_properties,
+            )
+        )
+        seen += [b["userId"] for b in bodies(queued(broker)) if "userId" in b]
+    finally:
+        graph.tenant.group_page_size = 999
+
+    # then every member got a child, each named after the fan-out's first message
+    assert sorted(seen) == sorted(members)
+    assert broker.messages(DEADLETTER_QUEUE) == []
+
+
+async def test_children_come_due_at_the_tenants_pace(make_handler, graph, broker, clock):
+    """§6: the children coming due in any one second need at most the budget's Graph calls."""
+    # given a budget of 10 calls per second: a child (lookup and upgrade) costs 2, so 5 children a second
+    handler = make_handler(max_requests_per_second=10)
+    users = [new_user(graph.tenant)[0] for _ in range(12)]
+
+    # when two fan-outs arrive one after the other
+    await handler.handle_function_message(function_message({"userIds": users[:6], "teamsAppId": APP}, message_id="a"))
+    await handler.handle_function_message(function_message({"userIds": users[6:], "teamsAppId": APP}, message_id="b"))
+
+    # then the first child is due at once and the others follow one every 0.2 s, the second fan-out
+    # continuing the first's timeline instead of doubling up on it
+    children = queued(broker)
+    due = sorted((m.scheduled_enqueue_time_utc or clock.now()) - clock.now() for m in children)
+    assert [round(d.total_seconds(), 3) for d in due] == [round(i * 0.2, 3) for i in range(12)]
+    assert sum(1 for m in children if m.scheduled_enqueue_time_utc is None) == 1
+
+
+async def test_a_groups_continuation_comes_due_just_before_its_pages_last_child(make_handler, graph, broker, clock):
+    handler = make_handler(max_requests_per_second=1)  # one child every 2 s
+    members = [new_user(graph.tenant)[0] for _ in range(15)]
+    group = new_group(graph, members)
+    graph.tenant.group_page_size = 10
+    try:
+        await handler.handle_function_message(function_message({"groupId": group, "teamsAppId": APP}))
+    finally:
+        graph.tenant.group_page_size = 999
+
+    messages = queued(broker)
+    [continuation] = [m for m in messages if "groupId" in json.loads(m.body)]
+    last_child = max(m.scheduled_enqueue_time_utc or clock.now() for m in messages if "userId" in json.loads(m.body))
+    assert (last_child - clock.now()).total_seconds() == pytest.approx(18)  # 10 children, 2 s apart
+    assert last_child - continuation.scheduled_enqueue_time_utc == timedelta(seconds=10)

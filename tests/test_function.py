@@ -17,11 +17,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from azure.servicebus.exceptions import ServiceBusConnectionError
 
 from standins.graph_simulator import Fault, GraphSimulator
 from standins.servicebus_broker import ServiceBusBroker
 from tests.conftest import DEADLETTER_QUEUE, UPGRADE_QUEUE
 from tests.support import APP, APP_EXTERNAL, CHAT, TEAM, FakeClock, function_message, new_user
+from upgrade_handler.handler import UpgradeHandler
+from upgrade_handler.logs import redact_user
 from upgrade_handler.settlement import iso_utc
 
 pytestmark = pytest.mark.usefixtures("reset_stand_ins")
@@ -472,14 +475,14 @@ async def test_a_retry_copy_carries_the_first_message_identity(invoke, graph, br
     assert second.application_properties["FirstAttemptUtc"] == copy.application_properties["FirstAttemptUtc"]
 
 
-async def test_spent_budget_dead_letters_with_retries_exhausted(invoke, graph, broker):
+async def test_spent_budget_dead_letters_with_retries_exhausted(invoke, graph, broker, clock):
     user_id, _, installation = new_user(graph.tenant)
-    graph.script("upgrade", Fault.throttled("60"))
+    graph.script("upgrade", Fault(503))
     carried = {
         "UpgradeAttempts": 7,
         "OriginalMessageId": "orig-1",
         "OriginalEnqueuedTimeUtc": "2026-11-29T10:00:00.000Z",
-        "FirstAttemptUtc": "2026-11-29T10:00:01.000Z",
+        "FirstAttemptUtc": iso_utc(clock.now() - timedelta(hours=1)),
         "LastErrorStatus": 503,
         "LastErrorCode": "ServiceUnavailable",
         "Producer": "pipeline",
@@ -496,11 +499,109 @@ async def test_spent_budget_dead_letters_with_retries_exhausted(invoke, graph, b
     assert letter.message_id == "orig-1"
     assert p["DeadLetterReason"] == "RetriesExhausted"
     assert p["UpgradeAttempts"] == 8
+    assert p["DeferredAttempts"] == 0
     assert p["OriginalMessageId"] == "orig-1"
     assert p["OriginalEnqueuedTimeUtc"] == "2026-11-29T10:00:00.000Z"
-    assert p["GraphStatus"] == 429 and p["GraphErrorCode"] == "TooManyRequests"
+    assert p["GraphStatus"] == 503
     assert p["Producer"] == "pipeline"
     assert not any(key in p for key in ("FirstAttemptUtc", "LastErrorStatus", "LastErrorCode"))
+
+
+async def test_a_throttling_storm_defers_and_never_spends_the_attempt_budget(invoke, graph, broker, clock):
+    # given a request throttled on each of its 7 earlier attempts, all of them deferrals
+    user_id, _, installation = new_user(graph.tenant)
+    graph.script("upgrade", Fault.throttled("60"))
+    carried = {
+        "UpgradeAttempts": 7,
+        "DeferredAttempts": 7,
+        "OriginalMessageId": "storm",
+        "FirstAttemptUtc": iso_utc(clock.now() - timedelta(hours=1)),
+        "LastErrorStatus": 429,
+        "LastErrorCode": "TooManyRequests",
+    }
+    # when Graph throttles it an eighth time (UPGRADE_MAX_ATTEMPTS is 8)
+    await invoke(
+        function_message(
+            {"userId": user_id, "appInstallationId": installation}, message_id="storm:retry:7", properties=carried
+        )
+    )
+    # then a retry is scheduled, counted as a deferral, and nothing is dead-lettered
+    assert dead_letters(broker) == []
+    [retry] = retries(broker)
+    assert retry.message_id == "storm:retry:8"
+    assert retry.application_properties["UpgradeAttempts"] == 8
+    assert retry.application_properties["DeferredAttempts"] == 8
+
+
+async def test_deferrals_end_at_the_retry_horizon(invoke, graph, broker, clock):
+    # given a request first tried almost UPGRADE_MAX_RETRY_HOURS (24) ago
+    user_id, _, installation = new_user(graph.tenant)
+    graph.script("upgrade", Fault.throttled("60"))
+    carried = {
+        "UpgradeAttempts": 40,
+        "DeferredAttempts": 40,
+        "OriginalMessageId": "late",
+        "FirstAttemptUtc": iso_utc(clock.now() - timedelta(hours=24) + timedelta(seconds=30)),
+    }
+    # when Graph asks for another minute
+    await invoke(
+        function_message(
+            {"userId": user_id, "appInstallationId": installation}, message_id="late:retry:40", properties=carried
+        )
+    )
+    # then the retry would come due past the horizon: RetriesExhausted with the last error
+    letter = only_dead_letter(broker)
+    p = letter.application_properties
+    assert p["DeadLetterReason"] == "RetriesExhausted"
+    assert "UPGRADE_MAX_RETRY_HOURS" in p["DeadLetterErrorDescription"]
+    assert (p["GraphStatus"], p["UpgradeAttempts"], p["DeferredAttempts"]) == (429, 41, 41)
+
+
+@pytest.mark.parametrize("retry_after", ["Fri, 31 Dec 9999 23:59:59 GMT", "99999999999999999999999", "864000"])
+async def test_a_retry_after_beyond_the_horizon_ends_the_request_without_raising(invoke, graph, broker, retry_after):
+    user_id, _, installation = new_user(graph.tenant)
+    graph.script("upgrade", Fault.throttled(retry_after))
+
+    await invoke(function_message({"userId": user_id, "appInstallationId": installation}))
+
+    letter = only_dead_letter(broker)
+    assert letter.application_properties["DeadLetterReason"] == "RetriesExhausted"
+    assert letter.application_properties["GraphStatus"] == 429
+
+
+async def test_a_first_401_on_the_last_inline_attempt_schedules_a_retry_with_a_new_token(
+    invoke, graph, broker, identity
+):
+    user_id, _, installation = new_user(graph.tenant)
+    expired = Fault.graph_error(401, "InvalidAuthenticationToken", "Access token validation failure.")
+    graph.script("upgrade", Fault(503), Fault(503), expired)
+
+    await invoke(function_message({"userId": user_id, "appInstallationId": installation}, message_id="m401"))
+
+    # then the 401 is not yet permanent: a retry is scheduled
+    assert dead_letters(broker) == []
+    [retry] = retries(broker)
+    assert retry.application_properties["LastErrorStatus"] == 401
+    last_token = upgrade_calls(graph)[-1].headers["authorization"]
+    broker.purge(UPGRADE_QUEUE)
+    graph.clear_requests()
+    before = identity.tokens_issued
+
+    # when the retry comes and Graph refuses the newly acquired token too
+    graph.script("upgrade", expired)
+    await invoke(
+        function_message(
+            retry.body, message_id=retry.message_id, properties=retry.application_properties, delivery_count=1
+        )
+    )
+
+    [call] = upgrade_calls(graph)
+    assert call.headers["authorization"] != last_token
+    assert identity.tokens_issued == before + 1
+    letter = only_dead_letter(broker)
+    assert letter.subject == "GraphRequestRejected"
+    assert letter.application_properties["GraphStatus"] == 401
+    assert letter.application_properties["UpgradeAttempts"] == 4
 
 
 async def test_poison_guard_dead_letters_a_message_delivered_too_often(invoke, graph, broker):
@@ -537,7 +638,9 @@ async def test_dead_letter_send_failing_makes_the_function_raise(invoke, graph, 
     assert dead_letters(broker) == []
 
 
-async def test_retry_send_failing_makes_the_function_raise_and_the_attempt_still_counts(invoke, graph, broker):
+async def test_retry_send_failing_makes_the_function_raise_and_the_redelivery_schedules_the_same_retry(
+    invoke, graph, broker
+):
     user_id, _, installation = new_user(graph.tenant)
     graph.script("upgrade", Fault.throttled("60"), Fault.throttled("60"))
     message = function_message({"userId": user_id, "appInstallationId": installation}, message_id="m-redeliver")
@@ -547,13 +650,40 @@ async def test_retry_send_failing_makes_the_function_raise_and_the_attempt_still
         await invoke(message)
     assert retries(broker) == []
 
-    # Service Bus delivers the abandoned message again.
+    # Service Bus delivers the abandoned message again: it names its retry as the first delivery did
+    # (§4), since that delivery's send may have reached the queue after all.
     await invoke(
         function_message(message.get_body(), message_id="m-redeliver", delivery_count=2),
     )
     [retry] = retries(broker)
-    assert retry.application_properties["UpgradeAttempts"] == 2
-    assert retry.message_id == "m-redeliver:retry:2"
+    assert retry.application_properties["UpgradeAttempts"] == 1
+    assert retry.message_id == "m-redeliver:retry:1"
+
+
+async def test_a_send_that_reached_the_queue_but_failed_starts_no_second_retry_chain(make_handler, graph, broker):
+    """Issue: the queue held both m1:retry:1 and m1:retry:2 after an acknowledgement was lost."""
+    user_id, _, installation = new_user(graph.tenant)
+    graph.script("upgrade", Fault.throttled("60"), Fault.throttled("60"))
+    handler = make_handler()
+    real = handler.sender
+
+    class AcknowledgementLost:
+        """Sends for real, then reports a failure, as a link that drops after the broker accepted."""
+
+        async def send(self, queue: str, messages: Any) -> None:
+            await real.send(queue, messages)
+            raise ServiceBusConnectionError(message="link detached after the send")
+
+    lossy = UpgradeHandler(
+        handler.settings, graph=handler.graph, tokens=handler.tokens, sender=AcknowledgementLost(), clock=handler.clock
+    )
+    message = function_message({"userId": user_id, "appInstallationId": installation}, message_id="m1")
+    with pytest.raises(ServiceBusConnectionError):
+        await lossy.handle_function_message(message)
+
+    await handler.handle_function_message(function_message(message.get_body(), message_id="m1", delivery_count=2))
+
+    assert sorted(r.message_id for r in retries(broker)) == ["m1:retry:1"]
 
 
 # --- process-wide behaviour ------------------------------------------------------------------
@@ -588,6 +718,24 @@ async def test_logs_carry_ids_but_never_secrets_or_user_names(invoke, graph, bro
     assert "upgrade.succeeded" in text and "upgrade.dead_lettered" in text and "upgrade.attempt_failed" in text
     succeeded = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("upgrade.succeeded"))
     assert "request_id=rel-1" in succeeded and "graph_request_id=" in succeeded and "client_request_id=" in succeeded
+
+
+async def test_a_user_name_that_graph_quotes_never_reaches_the_logs(invoke, graph, broker, caplog):
+    """Issue: ``upgrade.dead_lettered`` quoted Graph's "User Id 'nobody.here@contoso.com' not found"."""
+    caplog.set_level(logging.DEBUG)
+    upn = "nobody.here@contoso.com"
+    graph.script("upgrade", Fault.graph_error(404, "NotFound", f"User Id '{upn}' not found"))
+
+    await invoke(function_message({"userId": upn, "appInstallationId": "bm90LWluc3RhbGxlZA=="}))
+
+    letter = only_dead_letter(broker)
+    assert upn in letter.application_properties["GraphErrorMessage"]  # the operator's copy keeps it
+    lines = [r.getMessage() for r in caplog.records]
+    fields = [str(getattr(r, "fields", "")) for r in caplog.records]
+    assert any("upgrade.dead_lettered" in line for line in lines)
+    assert not any(upn in text for text in lines + fields)
+    pseudonym = redact_user(upn)
+    assert any(f"User Id '{pseudonym}' not found" in line for line in lines)
 
 
 def test_trigger_binding_matches_the_contract(trigger):
