@@ -26,7 +26,8 @@ from azure.servicebus import ServiceBusMessage
 from .clock import Clock
 from .delivery import Delivery
 from .errors import GraphFailure, InvalidMessageError
-from .logs import log_event
+from .logs import log_event, redact_user
+from .messages import Request, Scope, UpgradeRequest, is_rollout_id
 from .outcome import Outcome
 from .retry import RetryPolicy, is_deferral
 from .servicebus import MessageSender
@@ -62,6 +63,8 @@ class DeliveryContext:
     waited: float = 0.0
     """Seconds this invocation has waited inline between attempts."""
     last_failure: GraphFailure | None = None
+    rollout_id: str | None = None
+    """The rollout the request belongs to (§8), once the request is read."""
 
     @classmethod
     def of(cls, delivery: Delivery, settler: Settler) -> DeliveryContext:
@@ -96,6 +99,22 @@ class DeliveryContext:
     @property
     def attempts_spent(self) -> bool:
         return self.failed_attempts >= self.settings.max_attempts
+
+    def read(self, request: Request) -> None:
+        """Take in what the parsed request adds to every log line and to the ledger."""
+        self.log["request_id"] = request.request_id
+        self.rollout_id = request.rollout_id or (
+            request.request_id
+            if request.request_id is not None and is_rollout_id(request.request_id)
+            else self.history.original_message_id
+            if is_rollout_id(self.history.original_message_id)
+            else None
+        )
+        self.log["rollout_id"] = self.rollout_id
+        if isinstance(request, UpgradeRequest):
+            target = request.target
+            self.log["scope"] = target.scope.value
+            self.log["target"] = redact_user(target.id) if target.scope is Scope.USER else target.id
 
     def begin_attempt(self) -> None:
         self.attempts += 1

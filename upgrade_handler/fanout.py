@@ -168,6 +168,10 @@ class FanOut:
             body["consentedPermissionSet"] = request.consented_permission_set
         if request.request_id is not None:
             body["requestId"] = request.request_id
+        if request.version is not None:
+            body["version"] = request.version.text
+        if context.rollout_id is not None:
+            body["rolloutId"] = context.rollout_id
         return ServiceBusMessage(
             json.dumps(body, separators=(",", ":")).encode(),
             message_id=message_id,

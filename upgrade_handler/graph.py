@@ -35,6 +35,7 @@ from .errors import (
 )
 from .messages import AppKind, AppRef, Scope, Target
 from .ratelimit import AdaptiveRateLimiter, GateClosed
+from .versions import Version
 
 API_VERSION = "v1.0"
 USER_AGENT = f"teams-app-upgrader/{__version__}"
@@ -62,6 +63,8 @@ class Installation:
     id: str
     matches: int
     call: GraphCall
+    version: str | None = None
+    """The installed ``teamsAppDefinition.version``, when the lookup asked for it."""
 
 
 def segment(value: str) -> str:
@@ -88,11 +91,17 @@ def upgrade_path(target: Target, installation_id: str) -> str:
     return f"{installed_apps_path(target)}/{segment(installation_id)}/upgrade"
 
 
-def lookup_query(app: AppRef) -> str:
-    """``$expand=teamsApp&$filter=teamsApp/<field> eq '<value>'`` with the literal quoted for OData."""
+def lookup_query(app: AppRef, *, with_definition: bool = False) -> str:
+    """``$expand=teamsApp&$filter=teamsApp/<field> eq '<value>'`` with the literal quoted for OData;
+    ``$expand=teamsApp,teamsAppDefinition`` when the installed version is wanted (§8)."""
     field = "id" if app.kind is AppKind.TEAMS_APP_ID else "externalId"
-    literal = app.value.replace("'", "''")
-    return "$expand=teamsApp&$filter=" + quote(f"teamsApp/{field} eq '{literal}'", safe="/'")
+    expand = "teamsApp,teamsAppDefinition" if with_definition else "teamsApp"
+    return f"$expand={expand}&$filter=" + quote(f"teamsApp/{field} eq '{odata_literal(app.value)}'", safe="/'")
+
+
+def odata_literal(value: str) -> str:
+    """The inside of an OData string literal: single quotes doubled."""
+    return value.replace("'", "''")
 
 
 class GraphClient:
@@ -124,10 +133,18 @@ class GraphClient:
         await self._http.aclose()
 
     async def find_installation(
-        self, target: Target, app: AppRef, token: str, *, max_gate_wait: float = float("inf")
+        self,
+        target: Target,
+        app: AppRef,
+        token: str,
+        *,
+        max_gate_wait: float = float("inf"),
+        with_version: bool = False,
     ) -> Installation | None:
-        """The installation of ``app`` for ``target``, or ``None`` when it is not installed."""
-        url = f"{self._base_url}{installed_apps_path(target)}?{lookup_query(app)}"
+        """The installation of ``app`` for ``target``, or ``None`` when it is not installed.
+
+        ``with_version`` also reads the installed version, in the same call."""
+        url = f"{self._base_url}{installed_apps_path(target)}?{lookup_query(app, with_definition=with_version)}"
         response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
         try:
             document = json.loads(response.content)
@@ -137,13 +154,14 @@ class GraphClient:
             ids = [item["id"] for item in values]
             if not all(isinstance(item, str) and item for item in ids):
                 raise TypeError("an installation has no id")
+            version = installed_version(values[0]) if values and with_version else None
         except (ValueError, KeyError, TypeError) as error:
             raise PermanentGraphError(
                 _failure_from(response, call, code="UnreadableResponse", message=f"lookup answer unreadable: {error}")
             ) from None
         if not ids:
             return None
-        return Installation(ids[0], len(ids), call)
+        return Installation(ids[0], len(ids), call, version)
 
     async def upgrade(
         self,
@@ -260,6 +278,16 @@ class GraphClient:
         if rejected.failure.client_request_id is None:
             rejected = type(rejected)(replace(rejected.failure, client_request_id=client_request_id))
         raise rejected
+
+
+def installed_version(installation: Any) -> str:
+    """``teamsAppDefinition.version`` of an installation Graph returned: ``TypeError`` when absent,
+    ``ValueError`` when it is not a version of dotted numbers."""
+    definition = installation.get("teamsAppDefinition") if isinstance(installation, dict) else None
+    version = definition.get("version") if isinstance(definition, dict) else None
+    if not isinstance(version, str) or not version:
+        raise TypeError("the installation has no teamsAppDefinition.version")
+    return Version.parse(version).text
 
 
 def _transport_failure(

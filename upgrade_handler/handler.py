@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .auth import CredentialFactory, TokenProvider, default_credential
+from .catalog import Catalog
 from .clock import Clock, SystemClock
 from .context import DeliveryContext, Settler
 from .delivery import Delivery, FunctionMessage
@@ -26,8 +27,7 @@ from .errors import (
 )
 from .fanout import FanOut
 from .graph import GraphClient
-from .logs import redact_user
-from .messages import FanOutRequest, Scope, parse_request
+from .messages import FanOutRequest, parse_request
 from .outcome import Outcome
 from .ratelimit import AdaptiveRateLimiter
 from .retry import INLINE_ATTEMPTS, Backoff, RetryPolicy
@@ -79,6 +79,7 @@ class UpgradeHandler:
         policy = RetryPolicy(settings.max_inline_wait_seconds, backoff or Backoff(), rng or random.Random())
         self.settler = Settler(settings, self.sender, self.clock, policy)
         self.timeline: Timeline = LocalTimeline(settings.max_requests_per_second, self.clock.now)
+        self.catalog = Catalog(self.graph, self.clock.monotonic)
 
     @classmethod
     def from_environment(cls, **seams: Any) -> UpgradeHandler:
@@ -110,17 +111,14 @@ class UpgradeHandler:
             request = parse_request(delivery.body)
         except InvalidMessageError as error:
             return await context.invalid(error)
-        context.log["request_id"] = request.request_id
+        context.read(request)
         job: Job
         skip_if_not_installed = False
         if isinstance(request, FanOutRequest):
             job = FanOut(self.graph, request, self.timeline)
         else:
             skip_if_not_installed = request.skip_if_not_installed
-            target = request.target
-            context.log["scope"] = target.scope.value
-            context.log["target"] = redact_user(target.id) if target.scope is Scope.USER else target.id
-            job = SingleUpgrade(self.graph, request)
+            job = SingleUpgrade(self.graph, self.catalog, request)
         return await self._run(context, job, skip_if_not_installed)
 
     async def _run(self, context: DeliveryContext, job: Job, skip_if_not_installed: bool) -> Outcome:

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import InvalidMessageError
+from .versions import Version
 
 MAX_BODY_BYTES = 65_536
 MAX_PERMISSIONS = 50
@@ -34,6 +35,7 @@ _MAX_UPN = 113
 _MAX_INSTALLATION_ID = 256
 _MAX_CHAT_ID = 512
 _MAX_EXTERNAL_ID = 256
+_ROLLOUT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 class Scope(Enum):
@@ -73,6 +75,10 @@ class UpgradeRequest:
     consented_permission_set: Mapping[str, Any] | None
     request_id: str | None
     skip_if_not_installed: bool
+    version: Version | None = None
+    """The version that should end up installed (§8); ``None``: upgrade to the catalog's latest."""
+    rollout_id: str | None = None
+    """The rollout named in the message (§8); the handler defaults it when absent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,8 @@ class FanOutRequest:
     user_ids: tuple[str, ...] = ()
     group_id: str | None = None
     next_link: str | None = None
+    version: Version | None = None
+    rollout_id: str | None = None
 
 
 Request = UpgradeRequest | FanOutRequest
@@ -117,6 +125,8 @@ def parse_request(body: bytes) -> Request:
     app = _app_ref(AppKind(app_field), request[app_field])
     permissions = _permission_set(request.get("consentedPermissionSet"))
     request_id = _request_id(request.get("requestId"))
+    version = _version(request.get("version"))
+    rollout_id = _rollout_id(request.get("rolloutId"))
 
     if scope_field in ("userIds", "groupId"):
         if app.kind is AppKind.INSTALLATION:
@@ -124,13 +134,22 @@ def parse_request(body: bytes) -> Request:
                 f"{scope_field} needs teamsAppId or externalId: an appInstallationId belongs to one user"
             )
         if scope_field == "userIds":
-            return FanOutRequest(app, permissions, request_id, user_ids=_user_ids(request["userIds"]))
+            return FanOutRequest(
+                app,
+                permissions,
+                request_id,
+                user_ids=_user_ids(request["userIds"]),
+                version=version,
+                rollout_id=rollout_id,
+            )
         return FanOutRequest(
             app,
             permissions,
             request_id,
             group_id=_guid("groupId", request["groupId"]),
             next_link=_next_link(request.get(NEXT_LINK_FIELD)),
+            version=version,
+            rollout_id=rollout_id,
         )
 
     target = {
@@ -138,7 +157,31 @@ def parse_request(body: bytes) -> Request:
         "teamId": lambda v: Target(Scope.TEAM, _guid("teamId", v)),
         "chatId": lambda v: Target(Scope.CHAT, _chat_id(v)),
     }[scope_field](request[scope_field])
-    return UpgradeRequest(target, app, permissions, request_id, _skip_if_not_installed(request))
+    return UpgradeRequest(
+        target, app, permissions, request_id, _skip_if_not_installed(request), version=version, rollout_id=rollout_id
+    )
+
+
+def is_rollout_id(value: str) -> bool:
+    """Whether ``value`` may name a rollout: 1 to 128 of ``A-Z a-z 0-9 . _ -``."""
+    return _ROLLOUT_ID.fullmatch(value) is not None
+
+
+def _version(value: Any) -> Version | None:
+    if value is None:
+        return None
+    try:
+        return Version.parse(value)
+    except ValueError as error:
+        raise InvalidMessageError(f"version: {error}") from None
+
+
+def _rollout_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_rollout_id(value):
+        raise InvalidMessageError("rolloutId must be 1 to 128 characters of A-Z a-z 0-9 . _ -")
+    return value
 
 
 def _decode_json(body: bytes) -> Any:

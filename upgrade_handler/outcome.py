@@ -6,6 +6,8 @@ from enum import StrEnum
 class Outcome(StrEnum):
     UPGRADED = "upgraded"
     """Graph answered 2xx; the message completes."""
+    CURRENT = "current"
+    """Already at or past the requested version: no upgrade call; the message completes."""
     SKIPPED = "skipped"
     """Not installed and the request said ``ifNotInstalled: skip``; the message completes."""
     RETRY_SCHEDULED = "retry_scheduled"
