@@ -24,6 +24,7 @@ from upgrade_handler.messages import (
     UpgradeRequest,
     parse_request,
 )
+from upgrade_handler.versions import Version
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -762,3 +763,42 @@ def test_fan_out_with_one_invalid_user_id_is_refused_naming_it(bad: Any) -> None
 
 def test_group_id_must_be_a_guid() -> None:
     assert "groupId" in refusal(with_fields("fanout_group.json", groupId="all-staff@contoso.com"))
+
+
+# --- versions and rollouts (§8) -----------------------------------------------------------------
+
+
+def test_version_and_rollout_id_are_read_and_compared_part_by_part() -> None:
+    request = parse_request(
+        encode({"userId": USER_GUID, "teamsAppId": TEAMS_APP_ID, "version": "2.4", "rolloutId": "rel-2.4_a"})
+    )
+    assert isinstance(request, UpgradeRequest)
+    assert request.rollout_id == "rel-2.4_a"
+    assert request.version == Version.parse("2.4.0")  # a missing part counts as 0
+    assert Version.parse("2.10.0") > Version.parse("2.9.9") > Version.parse("2.9")
+    assert str(request.version) == "2.4"
+
+
+def test_a_fan_out_carries_its_version_and_rollout() -> None:
+    request = parse_request(
+        encode({"groupId": GROUP_GUID, "teamsAppId": TEAMS_APP_ID, "version": "1.4.0", "rolloutId": "r1"})
+    )
+    assert isinstance(request, FanOutRequest)
+    assert (str(request.version), request.rollout_id) == ("1.4.0", "r1")
+
+
+@pytest.mark.parametrize("version", ["", "v1.4", "1.4.0-beta", "1..4", "1.4.", "1.2.3.4.5", "\uff11.4", 14, "1e3"])
+def test_a_version_that_is_not_dotted_numbers_is_invalid(version: Any) -> None:
+    with pytest.raises(InvalidMessageError, match="version"):
+        parse_request(encode({"userId": USER_GUID, "teamsAppId": TEAMS_APP_ID, "version": version}))
+
+
+@pytest.mark.parametrize("rollout_id", ["", "x" * 129, "rel 2.4", "rel/2.4", "rel#1", "réel", 7])
+def test_a_rollout_id_outside_its_alphabet_or_length_is_invalid(rollout_id: Any) -> None:
+    with pytest.raises(InvalidMessageError, match="rolloutId"):
+        parse_request(encode({"userId": USER_GUID, "teamsAppId": TEAMS_APP_ID, "rolloutId": rollout_id}))
+
+
+def test_a_rollout_id_of_128_characters_is_accepted() -> None:
+    request = parse_request(encode({"userId": USER_GUID, "teamsAppId": TEAMS_APP_ID, "rolloutId": "r" * 128}))
+    assert request.rollout_id == "r" * 128
