@@ -21,6 +21,9 @@ from upgrade_handler.ratelimit import AdaptiveRateLimiter
 from upgrade_handler.servicebus import ServiceBusMessageSender
 from upgrade_handler.settings import Settings
 
+# Azurite (the ``azurite`` and ``storage_proxy`` fixtures), for the tests of the shared budget.
+pytest_plugins = ["tests.storage_support"]
+
 UPGRADE_QUEUE = "teams-app-upgrades"
 DEADLETTER_QUEUE = "teams-app-upgrades-deadletter"
 
