@@ -414,6 +414,33 @@ def test_dead_letter_of_a_message_near_the_limit_still_fits_in_64_kib() -> None:
     assert found["OriginalMessageId"] == MESSAGE_ID
 
 
+def test_dead_letter_of_a_body_near_256_kb_keeps_the_body_and_fits_the_message() -> None:
+    # given an invalid message of 250 KB (Service Bus accepted it) with 20 KiB of producer properties
+    body = b"x" * (250 * 1000)
+    delivery = producer_delivery(body=body, application_properties=producer_properties_of_size(20 * KIB))
+    # when it is dead-lettered
+    message = dead_letter(delivery, reason=DeadLetterReason.INVALID_MESSAGE, failure=None, attempts=0)
+    found = properties(message)
+    # then the body is whole, the message fits a Standard namespace's 256 KB, and the reason is kept
+    assert b"".join(message.body) == body
+    assert len(body) + amqp_size(found) <= 256 * KIB
+    assert found["DeadLetterReason"] == "InvalidMessage"
+    assert found["OriginalMessageId"] == MESSAGE_ID
+    assert found["DeadLetterPropertiesDropped"]
+
+
+def test_retry_copy_of_a_message_near_the_property_limit_still_fits_in_64_kib() -> None:
+    # given a producer message whose own properties (63 KiB) were accepted by Service Bus
+    delivery = producer_delivery(application_properties=producer_properties_of_size(63 * KIB))
+    # when a retry is scheduled
+    found = properties(retry_of(delivery, 1))
+    # then the copy can be sent and keeps the bookkeeping that names it
+    assert amqp_size(found) <= PROPERTIES_LIMIT
+    assert (found["UpgradeAttempts"], found["OriginalMessageId"]) == (1, MESSAGE_ID)
+    assert found["LastErrorCode"] == "TooManyRequests"
+    assert found["DeadLetterPropertiesDropped"]
+
+
 # --- the scheduled retry message ----------------------------------------------------------------
 
 

@@ -36,6 +36,11 @@ _MAX_TEXT = 1024
 _MAX_GRAPH_ERROR = 8 * 1024
 #: Service Bus refuses a message whose properties pass 64 KiB; keep a margin for the encoding.
 _PROPERTIES_BUDGET = 64 * 1024 - 2 * 1024
+#: A Standard namespace refuses a message over 256 KB, body and properties together: a dead letter
+#: of a large body (an invalid message of up to 256 KB) keeps its body whole and fits its properties
+#: into what the body leaves, keeping at least this much for the reason and the Graph error.
+_MESSAGE_BUDGET = 256 * 1024 - 4 * 1024
+_LEAST_PROPERTIES = 8 * 1024
 _INT32 = range(-(2**31), 2**31)
 
 
@@ -142,7 +147,7 @@ def dead_letter_message(
         properties.update(_graph_properties(failure, with_status=reason is not DeadLetterReason.INSTALLATION_NOT_FOUND))
     carried = set(properties) - _DEAD_LETTER_KEYS
     properties = {key: value for key, value in properties.items() if value is not None}
-    _fit_properties(properties, carried)
+    _fit_properties(properties, carried, len(delivery.body))
     return ServiceBusMessage(
         delivery.body,
         message_id=history.original_message_id,
@@ -177,6 +182,9 @@ def retry_message(
             "DeferredAttempts": deferred_attempts,
         }
     )
+    carried = set(properties) - set(BOOKKEEPING)
+    properties = {key: value for key, value in properties.items() if value is not None}
+    _fit_properties(properties, carried, len(delivery.body))
     return ServiceBusMessage(
         delivery.body,
         message_id=retry_message_id(history.original_message_id, attempts),
@@ -184,7 +192,7 @@ def retry_message(
         correlation_id=delivery.correlation_id,
         subject=delivery.subject,
         scheduled_enqueue_time_utc=not_before,
-        application_properties={key: value for key, value in properties.items() if value is not None},
+        application_properties=properties,  # type: ignore[arg-type]  # values are made carriable above
     )
 
 
@@ -218,10 +226,12 @@ def _graph_properties(failure: GraphFailure, *, with_status: bool) -> dict[str, 
     }
 
 
-def _fit_properties(properties: dict[str, Any], carried: set[str]) -> None:
-    """Keep the properties under Service Bus's 64 KiB: shorten ``GraphError`` first, then drop it,
-    then drop the largest carried properties, naming them in ``DeadLetterPropertiesDropped``."""
-    excess = _size(properties) - _PROPERTIES_BUDGET
+def _fit_properties(properties: dict[str, Any], carried: set[str], body_size: int) -> None:
+    """Keep the properties under Service Bus's 64 KiB, and the message with its body under 256 KB:
+    shorten ``GraphError`` first, then drop it, then drop the largest carried properties, naming
+    them in ``DeadLetterPropertiesDropped`` (a retry copy's carried ones go on to its dead letter)."""
+    budget = min(_PROPERTIES_BUDGET, max(_LEAST_PROPERTIES, _MESSAGE_BUDGET - body_size))
+    excess = _size(properties) - budget
     if excess > 0 and "GraphError" in properties:
         raw = properties["GraphError"]
         kept = _utf8_prefix(raw, max(0, len(raw.encode("utf-8")) - excess))
@@ -231,7 +241,7 @@ def _fit_properties(properties: dict[str, Any], carried: set[str]) -> None:
             del properties["GraphError"]
     dropped: list[str] = []
     by_size = sorted(carried & properties.keys(), key=lambda key: _size({key: properties[key]}), reverse=True)
-    while _size(properties) > _PROPERTIES_BUDGET and by_size:
+    while _size(properties) > budget and by_size:
         key = by_size.pop(0)
         del properties[key]
         dropped.append(key)
