@@ -23,8 +23,9 @@ import pytest
 from azure.data.tables.aio import TableClient
 
 from standins.azurite import Azurite
+from standins.graph_simulator import GraphSimulator
 from standins.storage_proxy import StorageProxy
-from tests.support import FakeClock
+from tests.support import USER, FakeClock
 from upgrade_handler.budget import (
     BLIND_SHARE,
     BudgetWaitExceeded,
@@ -37,7 +38,10 @@ from upgrade_handler.budget import (
     lay_out,
     shared_budget,
 )
-from upgrade_handler.ratelimit import HEADROOM
+from upgrade_handler.errors import TransientGraphError
+from upgrade_handler.graph import GraphClient
+from upgrade_handler.messages import Scope, Target
+from upgrade_handler.ratelimit import HEADROOM, AdaptiveRateLimiter
 from upgrade_handler.settings import Settings, StorageConnection
 from upgrade_handler.storage import open_table
 
@@ -444,3 +448,26 @@ def _run_child(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _run_child(sys.argv[1:])
+
+
+# --- the Graph client waits for the budget first, and turns "too far" into a deferral -----------------------
+
+
+async def test_a_graph_call_held_back_by_the_budget_is_a_transient_too_many_requests(
+    fleet: Callable[..., SharedBudget], graph: GraphSimulator
+) -> None:
+    newcomer = fleet()  # no share until it has been seen, so no slot within 0 s
+    client = GraphClient(graph.url, limiter=AdaptiveRateLimiter(LIMIT), budget=newcomer, budget_wait=0.0)
+    requests = graph.stats()["requests"]
+    try:
+        with pytest.raises(TransientGraphError) as held:
+            await client.upgrade(Target(Scope.USER, USER), "aW5zdGFsbGF0aW9u", None, "token")
+    finally:
+        await client.aclose()
+    failure = held.value.failure
+    assert (failure.status, failure.code) == (None, "TooManyRequests")
+    assert failure.message.startswith("held back: ")
+    assert failure.retry_after is not None
+    assert failure.retry_after > 0
+    assert failure.client_request_id
+    assert graph.stats()["requests"] == requests, "nothing was sent"

@@ -24,6 +24,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 
 from . import __version__
+from .budget import BudgetWaitExceeded, SharedBudget
 from .errors import (
     GraphConnectionError,
     GraphError,
@@ -54,6 +55,8 @@ class GraphCall:
     request_id: str | None
     client_request_id: str
     duration_ms: int
+    budget_wait_ms: int = 0
+    """How long the call waited for its turn in the shared budget (§7)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,10 @@ class GraphClient:
     """Calls Graph on behalf of the handler; raises :class:`~upgrade_handler.errors.GraphError` kinds.
 
     ``http`` is the seam for tests and tools; by default one client with explicit timeouts and
-    connection limits is created. ``limiter`` paces calls across the whole process.
+    connection limits is created. ``limiter`` paces calls across the whole process; ``budget``, when
+    there is a store, paces them across every instance first: a call waits up to ``budget_wait``
+    seconds for its turn there, and is held back (a transient 429-like failure whose ``retry_after``
+    is the expected wait) when its turn is further away.
     ``request_timeout`` bounds each request as a whole, in seconds; ``timeout`` is httpx's limit
     for each step of it (connect, each read).
     """
@@ -121,12 +127,16 @@ class GraphClient:
         http: httpx.AsyncClient | None = None,
         timeout: httpx.Timeout = TIMEOUT,
         request_timeout: float = REQUEST_TIMEOUT_SECONDS,
+        budget: SharedBudget | None = None,
+        budget_wait: float = 240.0,
     ) -> None:
         if not request_timeout > 0:
             raise ValueError("request_timeout must be positive")
         self._base_url = base_url.rstrip("/")
         self._request_timeout = request_timeout
         self.limiter = limiter
+        self.budget = budget
+        self._budget_wait = budget_wait
         self._http = http or httpx.AsyncClient(timeout=timeout, limits=LIMITS, follow_redirects=False, trust_env=False)
 
     async def aclose(self) -> None:
@@ -236,6 +246,20 @@ class GraphClient:
         if body is not None:
             headers["Content-Type"] = "application/json"
             content = json.dumps(body, separators=(",", ":")).encode()
+        waited = 0.0
+        if self.budget is not None:  # the fleet's pace first (§7), then this process's gate and rate
+            try:
+                waited = await self.budget.acquire(self._budget_wait)
+            except BudgetWaitExceeded as held:
+                raise TransientGraphError(
+                    GraphFailure(
+                        status=None,
+                        code="TooManyRequests",
+                        message=f"held back: {held}",
+                        client_request_id=client_request_id,
+                        retry_after=held.expected_wait,
+                    )
+                ) from None
         try:
             await self.limiter.acquire(max_gate_wait)
         except GateClosed as closed:
@@ -268,6 +292,7 @@ class GraphClient:
             request_id=response.headers.get("request-id"),
             client_request_id=response.headers.get("client-request-id") or client_request_id,
             duration_ms=round((time.monotonic() - started) * 1000),
+            budget_wait_ms=round(waited * 1000),
         )
         if response.is_success:
             self.limiter.on_success()
