@@ -27,11 +27,11 @@ errors (every address is a queue), partitioning, and Service Bus's sequence-numb
 count up per queue, the dead-letter queue having its own). Locks are not tied to links: a lock outlives
 the link or connection that took it and ends only by settlement or expiry.
 
-Two deliberate differences on the wire: the header's delivery-count is the number of deliveries
-including the current one (Service Bus sends one less and lets .NET and Java add one; the Python SDK
-shows the raw value, so this makes it show 1 on a first receive), and a batch is recognised by its shape
-(see :func:`.amqp_codec.unpack_batch`), so a single message whose body is itself an encoded AMQP message would be
-taken for a batch.
+The header's delivery-count is Service Bus's: the deliveries before this one, so 0 on a first
+delivery and 1 after one abandon (the Python SDK's ``delivery_count`` shows it as is; the .NET SDK and
+the Functions host add 1), and on a peek the deliveries so far. One deliberate difference on the wire:
+a batch is recognised by its shape (see :func:`.amqp_codec.unpack_batch`), so a single message whose
+body is itself an encoded AMQP message would be taken for a batch.
 
 This module is the public face; the AMQP link handling is in :mod:`.servicebus_links`, the queues,
 locks, schedules and duplicate detection in :mod:`.servicebus_store`, message sections in
@@ -63,7 +63,8 @@ class ServiceBusBroker:
     Use as a context manager, or call :meth:`start` and :meth:`stop` (once each: a stopped broker stays
     stopped). Every method is thread-safe.
 
-    :param max_delivery_count: deliveries after which an abandoned or expired message is dead-lettered.
+    :param max_delivery_count: deliveries after which an abandoned or expired message is dead-lettered
+        (``MaxDeliveryCountExceeded``), as the queue property of that name.
     :param lock_duration: seconds a peek-lock lasts before the message is redelivered.
     :param port: the port to listen on; 0 picks a free one (read it back from :attr:`port`).
     :param duplicate_detection: queues on which a second message with an already seen message id is

@@ -285,7 +285,7 @@ class AmqpHandler(Handler):
         delivery = link.delivery(token.bytes_le)
         # proton's Delivery.tag utf-8-decodes the tag (and fails on a UUID), so keep the token ourselves.
         delivery.sb_lock_token = token
-        link.send(wire_message(entry, locked_until=locked_until))
+        link.send(wire_message(entry, received=True, locked_until=locked_until))
         link.advance()
         if receive_and_delete:
             delivery.settle()
@@ -369,7 +369,7 @@ class AmqpHandler(Handler):
         entries = [e for seq, e in queue.entries.items() if seq >= start][:count]
         if not entries:
             return None
-        return {"messages": [{"message": wire_message(e)} for e in entries]}
+        return {"messages": [{"message": wire_message(e, received=False)} for e in entries]}
 
     def _schedule(self, queue: Queue, body: dict[str, Any]) -> dict[str, Any]:
         condition = self.store.refuse_send(queue.name)
@@ -420,10 +420,11 @@ class AmqpHandler(Handler):
             entry.delivery_count += 1
             if receive_and_delete:
                 del queue.entries[entry.sequence_number]
-                messages.append({"message": wire_message(entry)})
+                messages.append({"message": wire_message(entry, received=True)})
                 continue
             token = self.store.lock(queue, entry, now)
-            messages.append({"lock-token": token, "message": wire_message(entry, locked_until=entry.locked_until)})
+            wired = wire_message(entry, received=True, locked_until=entry.locked_until)
+            messages.append({"lock-token": token, "message": wired})
         return {"messages": messages}
 
 

@@ -65,7 +65,7 @@ class StoredMessage:
     scheduled_enqueue_time_utc: datetime | None
     enqueued_time_utc: datetime
     sequence_number: int
-    delivery_count: int
+    delivery_count: int  # deliveries so far, as Service Bus Explorer and .NET show DeliveryCount
     state: str  # "available", "locked", "scheduled" or "deferred"
     dead_letter_reason: str | None
     dead_letter_error_description: str | None
@@ -77,7 +77,7 @@ class Entry:
     sequence_number: int
     enqueued_at: float
     state: str = "available"
-    delivery_count: int = 0
+    delivery_count: int = 0  # deliveries so far, the one in progress included
     deferred: bool = False  # a deferred message goes back to "deferred", not "available", when unlocked
     lock_token: uuid.UUID | None = None
     locked_until: float = 0.0
@@ -334,14 +334,19 @@ def snapshot(entry: Entry) -> StoredMessage:
     )
 
 
-def wire_message(entry: Entry, *, locked_until: float | None = None) -> bytes:
-    """The entry as sent to a client: a fresh header and the broker's annotations on the stored bare message."""
+def wire_message(entry: Entry, *, received: bool, locked_until: float | None = None) -> bytes:
+    """The entry as sent to a client: a fresh header and the broker's annotations on the stored bare message.
+
+    ``received``: sent as a delivery (a receive, or a deferred message received by sequence number),
+    counted in ``entry.delivery_count`` already; otherwise a peek.
+    """
     header = list(section_value(entry.sections, HEADER) or [])
     header += [None] * (5 - len(header))
-    # The header carries the attempts including this one, so the Python SDK (which shows the header as
-    # is) reports 1 on the first receive and 2 after one abandon, like DeliveryCount in .NET and Java.
-    # Service Bus itself sends attempts - 1 here and lets .NET and Java add the 1.
-    header[4] = uint(entry.delivery_count)
+    # As Service Bus sends it: a delivery carries the deliveries before this one (AMQP's count of
+    # failed delivery attempts), 0 on a first delivery; a peek carries the deliveries so far. The .NET
+    # SDK, and so the Functions host, adds 1 to a received message's count and nothing to a peeked
+    # one's (Azure.Messaging.ServiceBus AmqpMessageConverter); the Python SDK shows the header as is.
+    header[4] = uint(max(0, entry.delivery_count - 1) if received else entry.delivery_count)
     annotations = dict(section_value(entry.sections, MESSAGE_ANNOTATIONS) or {})
     annotations[_SEQUENCE_NUMBER] = entry.sequence_number
     annotations[_ENQUEUED_TIME] = to_ms(entry.enqueued_at)

@@ -185,3 +185,46 @@ async def test_worker_refuses_a_concurrency_below_one(concurrency, capsys):
         main(["worker", "--concurrency", concurrency])
     assert exit_.value.code == 2
     assert "--concurrency" in capsys.readouterr().err
+
+
+async def test_the_poison_guard_dead_letters_at_the_delivery_the_functions_host_would(
+    run_cli, cli_bus, graph, broker, monkeypatch
+):
+    """Service Bus counts deliveries from 0 on the wire; the host (.NET) and the worker add 1."""
+    monkeypatch.setenv("UPGRADE_MAX_DELIVERY_COUNT", "3")
+    receiver = await cli_bus.receiver(UPGRADE_QUEUE)
+
+    async def abandon(times: int) -> None:
+        """What a host that crashed while handling the message leaves behind."""
+        for _ in range(times):
+            [message] = await receiver.receive_messages(max_message_count=1, max_wait_time=10)
+            await receiver.abandon_message(message)
+
+    # given a request abandoned twice: its next delivery is the third
+    poisoned_user, _, poisoned = new_user(graph.tenant)
+    [poison_id] = await send_json(cli_bus, {"userId": poisoned_user, "appInstallationId": poisoned})
+    await abandon(2)
+
+    # when the worker receives it
+    result = await run_cli("worker", "--until-idle", "0.3")
+
+    # then it is dead-lettered without a Graph call, as the host would on its third delivery
+    assert result.code == 0, result.text
+    [poison_line] = [line for line in result.out.splitlines() if poison_id in line]
+    assert poison_line.startswith("dead-lettered") and "delivery 3" in poison_line, poison_line
+    [letter] = broker.messages(DEADLETTER_QUEUE)
+    assert letter.message_id == poison_id
+    assert letter.application_properties["DeadLetterReason"] == "RetriesExhausted"
+    assert letter.application_properties["OriginalDeliveryCount"] == 3
+    assert not any(poisoned in r.raw_path for r in graph.requests)
+    assert graph.tenant.installation_version(poisoned) == "1.0.0"
+
+    # and a request abandoned once is handled on its second delivery
+    user, _, installation = new_user(graph.tenant)
+    [survivor_id] = await send_json(cli_bus, {"userId": user, "appInstallationId": installation})
+    await abandon(1)
+    result = await run_cli("worker", "--until-idle", "0.3")
+    [survivor_line] = [line for line in result.out.splitlines() if survivor_id in line]
+    assert survivor_line.startswith("upgraded") and "delivery 2" in survivor_line, survivor_line
+    assert graph.tenant.installation_version(installation) == "1.1.0"
+    assert broker.messages(UPGRADE_QUEUE) == []

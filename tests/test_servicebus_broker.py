@@ -267,7 +267,7 @@ async def test_receive_and_delete_removes_messages_as_they_are_delivered(bus, br
     received = await receive(receiver, 2)
 
     assert bodies(received) == ["a", "b"]
-    assert [m.delivery_count for m in received] == [1, 1]
+    assert [m.delivery_count for m in received] == [0, 0]  # zero-based, as Service Bus sends it
     assert broker.messages(RAD_QUEUE) == []
 
 
@@ -331,7 +331,8 @@ async def test_many_senders_and_receivers_share_queues_concurrently(bus, broker)
 # --------------------------------------------------------------------------------------------------
 
 
-async def test_first_delivery_counts_one_and_an_abandoned_message_comes_back_counting_two(bus, broker):
+async def test_first_delivery_counts_zero_and_an_abandoned_message_comes_back_counting_one(bus, broker):
+    """Service Bus sends the deliveries before this one; only the .NET SDK (the Functions host) adds 1."""
     sender, receiver = bus.sender(QUEUE), bus.receiver(QUEUE)
     await call(sender.send_messages(ServiceBusMessage("retry me")))
 
@@ -342,7 +343,7 @@ async def test_first_delivery_counts_one_and_an_abandoned_message_comes_back_cou
     second_lock = second.lock_token
     await call(receiver.complete_message(second))
 
-    assert (first.delivery_count, second.delivery_count) == (1, 2)
+    assert (first.delivery_count, second.delivery_count) == (0, 1)
     assert second.sequence_number == first.sequence_number
     assert second_lock != first_lock
     assert broker.messages(QUEUE) == []
@@ -383,7 +384,7 @@ async def test_message_is_dead_lettered_once_it_reaches_max_delivery_count(bus, 
     [dead] = await receive(dead_letters, 1)
     await call(dead_letters.complete_message(dead))
 
-    assert attempt.delivery_count == 2
+    assert attempt.delivery_count == 1  # the second and last delivery
     assert str(dead) == "never works"
     assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
     assert dead.dead_letter_error_description == "Message could not be consumed after 2 delivery attempts."
@@ -402,6 +403,7 @@ async def test_deferred_message_is_only_received_by_sequence_number(bus, broker)
 
     assert stored.state == "deferred"
     assert str(deferred) == "later"
+    assert (received.delivery_count, deferred.delivery_count) == (0, 1)
     assert deferred.sequence_number == received.sequence_number
     assert broker.messages(QUEUE) == []
 
@@ -448,7 +450,7 @@ async def test_an_expired_lock_is_lost_and_the_message_is_redelivered(short_lock
     [second] = await receive(receiver, 1)
     await call(receiver.complete_message(second))
 
-    assert (first.delivery_count, second.delivery_count) == (1, 2)
+    assert (first.delivery_count, second.delivery_count) == (0, 1)
     assert str(second) == "too slow"
     assert short_lock_broker.messages(QUEUE) == []
 
@@ -476,6 +478,25 @@ async def test_peek_reads_without_locking_and_continues_where_it_left_off(bus, b
     assert bodies(from_start) == ["peek-0"]
     assert {m.delivery_count for m in first_page} == {0}
     assert bodies(received) == [f"peek-{i}" for i in range(5)]
+
+
+async def test_a_peek_counts_the_deliveries_so_far_and_a_delivery_those_before_it(bus, broker):
+    """As Service Bus sends them: the .NET SDK adds 1 to a received message's count, not to a peeked one's."""
+    # given a message delivered once and abandoned
+    sender, receiver = bus.sender(QUEUE), bus.receiver(QUEUE)
+    await call(sender.send_messages(ServiceBusMessage("twice")))
+    [first] = await receive(receiver, 1)
+    await call(receiver.abandon_message(first))
+
+    # when it is peeked, then delivered again
+    [peeked] = await call(receiver.peek_messages(max_message_count=1, sequence_number=first.sequence_number))
+    [second] = await receive(receiver, 1)
+    [held] = broker.messages(QUEUE)
+    await call(receiver.complete_message(second))
+
+    # then the peek and the second delivery both show 1, and the broker counts 2 deliveries
+    assert (first.delivery_count, peeked.delivery_count, second.delivery_count) == (0, 1, 1)
+    assert held.delivery_count == 2
 
 
 async def test_scheduled_message_arrives_at_its_time_and_a_cancelled_one_never_does(bus, broker):

@@ -53,7 +53,7 @@ class Delivery:
         return cls(
             body=message.get_body() or b"",
             message_id=message.message_id or "",
-            delivery_count=message.delivery_count or 1,
+            delivery_count=message.delivery_count or 1,  # the host's .NET SDK already counts from 1
             content_type=message.content_type or None,
             correlation_id=message.correlation_id or None,
             subject=getattr(message, "subject", None) or None,
@@ -63,11 +63,15 @@ class Delivery:
 
     @classmethod
     def from_received_message(cls, message: Any) -> Delivery:
-        """From an ``azure.servicebus.ServiceBusReceivedMessage`` (the worker's path)."""
+        """From an ``azure.servicebus.ServiceBusReceivedMessage`` (the worker's path).
+
+        The Python SDK shows Service Bus's zero-based count as is (0 on a first delivery); the
+        Functions host's .NET SDK adds 1. Adding it here makes the poison guard count alike in both.
+        """
         return cls(
             body=b"".join(message.body) if not isinstance(message.body, bytes) else message.body,
             message_id=message.message_id or "",
-            delivery_count=message.delivery_count or 1,
+            delivery_count=(message.delivery_count or 0) + 1,
             content_type=message.content_type,
             correlation_id=message.correlation_id,
             subject=message.subject,
