@@ -26,13 +26,17 @@ from azure.servicebus import ServiceBusMessage
 from .clock import Clock
 from .delivery import Delivery
 from .errors import GraphFailure, InvalidMessageError
+from .ledger import Ledger, PageRecord, TargetRecord
 from .logs import log_event, redact_user
-from .messages import Request, Scope, UpgradeRequest, is_rollout_id
+from .messages import FanOutRequest, Request, Scope, Target, is_rollout_id
 from .outcome import Outcome
 from .retry import RetryPolicy, is_deferral
 from .servicebus import MessageSender
 from .settings import Settings
 from .settlement import DeadLetterReason, History, dead_letter_message, describe, iso_utc, retry_message
+
+#: Set on every fan-out child and continuation: the message id of the request that named the users.
+PARENT_PROPERTY = "FanOutParentMessageId"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,8 @@ class Settler:
     sender: MessageSender
     clock: Clock
     policy: RetryPolicy
+    ledger: Ledger | None = None
+    """Where requests record how they ended (§8); ``None`` without a storage account."""
 
 
 @dataclass(slots=True)
@@ -65,6 +71,11 @@ class DeliveryContext:
     last_failure: GraphFailure | None = None
     rollout_id: str | None = None
     """The rollout the request belongs to (§8), once the request is read."""
+    target: Target | None = None
+    """The one installation owner of a single request, once it is read (``None`` for a fan-out)."""
+    fanout_id: str | None = None
+    """For a fan-out: the id of the message that named the users, which every child and
+    continuation derives its id from (a continuation names it in ``FanOutParentMessageId``)."""
 
     @classmethod
     def of(cls, delivery: Delivery, settler: Settler) -> DeliveryContext:
@@ -111,8 +122,12 @@ class DeliveryContext:
             else None
         )
         self.log["rollout_id"] = self.rollout_id
-        if isinstance(request, UpgradeRequest):
-            target = request.target
+        if isinstance(request, FanOutRequest):
+            parent = self.delivery.application_properties.get(PARENT_PROPERTY)
+            continuation = request.next_link is not None and isinstance(parent, str) and bool(parent)
+            self.fanout_id = parent if continuation else self.history.original_message_id
+        else:
+            target = self.target = request.target
             self.log["scope"] = target.scope.value
             self.log["target"] = redact_user(target.id) if target.scope is Scope.USER else target.id
 
@@ -144,10 +159,53 @@ class DeliveryContext:
 
     # --- the ways a delivery ends --------------------------------------------------------------
 
-    def complete(self, outcome: Outcome, event: str, **fields: Any) -> Outcome:
+    async def complete(
+        self,
+        outcome: Outcome,
+        event: str,
+        *,
+        version_before: str | None = None,
+        version_after: str | None = None,
+        **fields: Any,
+    ) -> Outcome:
         """The work is done; the host completes the message when the function returns."""
         self.log_event(event, attempt=self.attempts or None, **fields)
+        await self.record(_LEDGER_OUTCOMES[outcome], version_before=version_before, version_after=version_after)
         return outcome
+
+    async def record(self, outcome: str, **details: Any) -> None:
+        """Write how this request for its one target ended to the rollout ledger (§8), when there is
+        one; the ledger never raises, so it never changes what happens to the message."""
+        ledger, target = self.settler.ledger, self.target
+        if target is not None:
+            scope, target_id = target.scope.value, target.id
+        elif self.fanout_id is not None and outcome == "deadlettered":  # the rollout's pages end here
+            scope, target_id = "fanout", self.fanout_id
+        else:
+            return
+        if ledger is None or self.rollout_id is None:
+            return
+        await ledger.record(
+            TargetRecord(
+                rollout_id=self.rollout_id,
+                scope=scope,
+                target_id=target_id,
+                outcome=outcome,
+                attempts=self.attempts,
+                at=self.settler.clock.now(),
+                message_id=self.history.original_message_id,
+                **details,
+            )
+        )
+
+    async def record_page(self, fanout_id: str, page: int, targets: int, *, last: bool) -> None:
+        """Write a fan-out page's header row: how many targets it expects, and whether it is the last."""
+        ledger = self.settler.ledger
+        if ledger is None or self.rollout_id is None:
+            return
+        await ledger.record(
+            PageRecord(self.rollout_id, fanout_id, page, targets, last=last, at=self.settler.clock.now())
+        )
 
     async def enqueue(self, messages: Sequence[ServiceBusMessage]) -> None:
         """Send ``messages`` to the upgrade queue (fan-out children and continuations)."""
@@ -178,6 +236,7 @@ class DeliveryContext:
             deferred_attempts=self.deferred,
         )
         await self.settler.sender.send(settings.upgrade_queue, [message])
+        await self.record("retrying")
         self.log_event(
             "upgrade.retry_scheduled",
             logging.WARNING,
@@ -203,6 +262,7 @@ class DeliveryContext:
             deferred_attempts=self.deferred,
         )
         await self.settler.sender.send(self.settings.deadletter_queue, [message])
+        await self.record("deadlettered", reason=str(reason))
         properties = message.application_properties or {}
         self.log_event(
             "upgrade.dead_lettered",
@@ -230,6 +290,14 @@ class DeliveryContext:
         )
         last = f"; last error: {describe(failure)}" if failure is not None else ""
         return await self.dead_letter(DeadLetterReason.RETRIES_EXHAUSTED, why + last, failure=failure)
+
+
+#: The ledger's outcome (§8) of each way a request completes.
+_LEDGER_OUTCOMES = {
+    Outcome.UPGRADED: "upgraded",
+    Outcome.CURRENT: "current",
+    Outcome.SKIPPED: "skipped",
+}
 
 
 def failure_fields(failure: GraphFailure) -> dict[str, Any]:

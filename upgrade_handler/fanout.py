@@ -18,6 +18,7 @@ from typing import Any
 
 from azure.servicebus import ServiceBusMessage
 
+from .context import PARENT_PROPERTY as PARENT_PROPERTY
 from .context import DeliveryContext
 from .errors import GraphFailure, InvalidMessageError, PermanentGraphError
 from .graph import API_VERSION, GraphClient, segment
@@ -31,8 +32,6 @@ from .settlement import BOOKKEEPING, carry_property, count_property
 _IDS = uuid.UUID("5f0f7c1e-3c1a-4d39-9a59-0b6f4c7a2e11")
 #: Where a continuation records which page it is, so its id is stable across redeliveries.
 PAGE_PROPERTY = "FanOutPage"
-#: Set on every child and continuation: the message id of the request that named the users.
-PARENT_PROPERTY = "FanOutParentMessageId"
 #: Graph calls one child makes: the lookup of its installation, then the upgrade.
 CHILD_CALLS = 2
 #: A group's continuation comes due this long before its page's last child, so that the next page
@@ -103,7 +102,7 @@ class FanOut:
 
     async def _enqueue(self, context: DeliveryContext, user_ids: Iterable[str], *, next_link: str | None) -> None:
         request, properties = self._request, context.delivery.application_properties
-        root_id = self._root_id(context)
+        root_id = self._fanout_id(context)
         # Children and continuations are requests of their own (§6): none of this request's retry
         # bookkeeping goes with them, so their retries and dead letters are named after their own ids.
         carried = {
@@ -138,6 +137,7 @@ class FanOut:
                 due=due[-1] - CONTINUATION_LEAD if due else None,
             )
             await context.enqueue([continuation])
+        await context.record_page(root_id, page, len(children), last=next_link is None)
         context.log_event(
             "upgrade.fanned_out",
             children=len(children),
@@ -145,13 +145,10 @@ class FanOut:
             continuation_message_id=continuation.message_id if continuation else None,
         )
 
-    def _root_id(self, context: DeliveryContext) -> str:
-        """The id of the message that named the users: this request's own first message id, or for a
-        continuation the fan-out's first message, which every child and continuation derives its id from."""
-        parent = context.delivery.application_properties.get(PARENT_PROPERTY)
-        if self._request.next_link is not None and isinstance(parent, str) and parent:
-            return parent
-        return context.history.original_message_id
+    @staticmethod
+    def _fanout_id(context: DeliveryContext) -> str:
+        assert context.fanout_id is not None, "the handler reads the request before running its job"
+        return context.fanout_id
 
     def _message(
         self,
@@ -176,7 +173,7 @@ class FanOut:
             json.dumps(body, separators=(",", ":")).encode(),
             message_id=message_id,
             content_type="application/json",
-            correlation_id=context.delivery.correlation_id or self._root_id(context),
+            correlation_id=context.delivery.correlation_id or self._fanout_id(context),
             application_properties={key: value for key, value in properties.items() if value is not None},
             # A child due now is sent plain: it is active at once.
             scheduled_enqueue_time_utc=due if due is not None and due > context.settler.clock.now() else None,

@@ -27,6 +27,7 @@ from .errors import (
 )
 from .fanout import FanOut
 from .graph import GraphClient
+from .ledger import open_ledger
 from .messages import FanOutRequest, parse_request
 from .outcome import Outcome
 from .ratelimit import AdaptiveRateLimiter
@@ -77,7 +78,8 @@ class UpgradeHandler:
         )
         self.sender: MessageSender = sender or ServiceBusMessageSender(settings.service_bus)
         policy = RetryPolicy(settings.max_inline_wait_seconds, backoff or Backoff(), rng or random.Random())
-        self.settler = Settler(settings, self.sender, self.clock, policy)
+        self.ledger = open_ledger(settings)
+        self.settler = Settler(settings, self.sender, self.clock, policy, self.ledger)
         self.timeline: Timeline = LocalTimeline(settings.max_requests_per_second, self.clock.now)
         self.catalog = Catalog(self.graph, self.clock.monotonic)
 
@@ -89,6 +91,8 @@ class UpgradeHandler:
     async def aclose(self) -> None:
         await self.graph.aclose()
         await self.tokens.aclose()
+        if self.ledger is not None:
+            await self.ledger.aclose()
         close = getattr(self.sender, "aclose", None)
         if close is not None:
             await close()
@@ -146,7 +150,7 @@ class UpgradeHandler:
                 return await context.invalid(error)
             except InstallationNotFoundError as error:
                 if skip_if_not_installed:
-                    return context.complete(Outcome.SKIPPED, "upgrade.skipped", reason=str(error))
+                    return await context.complete(Outcome.SKIPPED, "upgrade.skipped", reason=str(error))
                 return await context.dead_letter(DeadLetterReason.INSTALLATION_NOT_FOUND, str(error))
             except AuthenticationRejected as error:
                 if renewed:

@@ -33,9 +33,11 @@ class SingleUpgrade:
         version_after: str | None = None
         if request.version is not None:
             if installed is not None and Version.parse(installed) >= request.version:
-                return context.complete(
+                return await context.complete(
                     Outcome.CURRENT,
                     "upgrade.already_current",
+                    version_before=installed,
+                    version_after=installed,
                     installed_version=installed,
                     requested_version=str(request.version),
                 )
@@ -53,15 +55,15 @@ class SingleUpgrade:
         call = await graph.upgrade(
             request.target, installation_id, request.consented_permission_set, token, max_gate_wait=gate_wait
         )
-        return context.complete(
+        return await context.complete(
             Outcome.UPGRADED,
             "upgrade.succeeded",
+            version_before=installed,
+            version_after=version_after,
             graph_status=call.status,
             graph_request_id=call.request_id,
             client_request_id=call.client_request_id,
             duration_ms=round((context.settler.clock.monotonic() - started) * 1000),
-            version_before=installed,
-            version_after=version_after,
         )
 
     async def _resolve(self, context: DeliveryContext, token: str, gate_wait: float) -> tuple[str, str | None, AppRef]:
