@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUTES = ("upgrade", "list", "group", "*")
+ROUTES = ("upgrade", "list", "installation", "catalog", "group", "*")
 CHAOS_KINDS = ("429", "500", "502", "503", "504", "timeout", "reset")
 
 

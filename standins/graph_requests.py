@@ -19,7 +19,7 @@ from .graph_tenant import InstallationView, Scope
 
 @dataclass(frozen=True)
 class Route:
-    kind: str | None  # "upgrade" | "list" | "group" | None (unroutable)
+    kind: str | None  # "upgrade" | "list" | "installation" | "catalog" | "group" | None (unroutable)
     version: str = "v1.0"
     scope: Scope = "user"
     target: str = ""
@@ -31,11 +31,15 @@ class Route:
 _UPGRADE_ACTION = frozenset({"upgrade", "microsoft.graph.upgrade"})
 _PATTERNS: list[tuple[str, str, Scope, tuple[str | frozenset[str] | None, ...]]] = [
     ("list", "GET", "user", ("users", None, "teamwork", "installedapps")),
+    ("installation", "GET", "user", ("users", None, "teamwork", "installedapps", None)),
     ("upgrade", "POST", "user", ("users", None, "teamwork", "installedapps", None, _UPGRADE_ACTION)),
     ("list", "GET", "team", ("teams", None, "installedapps")),
+    ("installation", "GET", "team", ("teams", None, "installedapps", None)),
     ("upgrade", "POST", "team", ("teams", None, "installedapps", None, _UPGRADE_ACTION)),
     ("list", "GET", "chat", ("chats", None, "installedapps")),
+    ("installation", "GET", "chat", ("chats", None, "installedapps", None)),
     ("upgrade", "POST", "chat", ("chats", None, "installedapps", None, _UPGRADE_ACTION)),
+    ("catalog", "GET", "user", ("appcatalogs", "teamsapps")),
     ("group", "GET", "user", ("groups", None, "transitivemembers", "microsoft.graph.user")),
     ("group", "GET", "user", ("groups", None, "transitivemembers")),
 ]
@@ -61,7 +65,7 @@ def parse_route(method: str, segments: tuple[str, ...]) -> Route:
             if method != verb:
                 msg = "Specified HTTP method is not allowed for the request target."
                 return Route(None, version, error=(405, "BadRequest", msg))
-            installation = rest[pattern.index(None, 2)] if kind == "upgrade" else ""
+            installation = rest[pattern.index(None, 2)] if kind in ("upgrade", "installation") else ""
             return Route(kind, version, scope, rest[1], installation)
     unknown = rest[deepest] if deepest < len(rest) else (rest[-1] if rest else version)
     return Route(None, version, error=(400, "BadRequest", f"Resource not found for the segment '{unknown}'."))
@@ -135,21 +139,29 @@ def installation_json(view: InstallationView, expand: set[str]) -> dict[str, Any
             "distributionMethod": "organization",
         }
     if "teamsappdefinition" in expand:
-        definition_id = f"{view.teams_app_id}##{view.version}##Published"
-        item["teamsAppDefinition"] = {
-            "id": base64.b64encode(definition_id.encode()).decode("ascii"),
-            "teamsAppId": view.teams_app_id,
-            "azureADAppId": None,
-            "displayName": view.display_name,
-            "version": view.version,
-            "requiredResourceSpecificApplicationPermissions": [],
-            "publishingState": "published",
-            "shortDescription": "",
-            "description": "",
-            "lastModifiedDateTime": None,
-            "createdBy": None,
-        }
+        item["teamsAppDefinition"] = definition_json(
+            view.teams_app_id, view.display_name, view.version, view.publishing_state
+        )
     return item
+
+
+def definition_json(teams_app_id: str, display_name: str, version: str, state: str) -> dict[str, Any]:
+    """A ``teamsAppDefinition`` as installations and the catalog show it; its id is Graph's
+    observed scheme, base64 of ``{teamsAppId}##{version}##{PublishingState}`` (research §3.1)."""
+    definition_id = f"{teams_app_id}##{version}##{state.capitalize()}"
+    return {
+        "id": base64.b64encode(definition_id.encode()).decode("ascii"),
+        "teamsAppId": teams_app_id,
+        "azureADAppId": None,
+        "displayName": display_name,
+        "version": version,
+        "requiredResourceSpecificApplicationPermissions": [],
+        "publishingState": state,
+        "shortDescription": "",
+        "description": "",
+        "lastModifiedDateTime": None,
+        "createdBy": None,
+    }
 
 
 def encode_skiptoken(group_id: str, offset: int) -> str:

@@ -4,10 +4,14 @@ What it simulates (``/v1.0`` and ``/beta`` alike):
 
 - ``POST /users/{id|UPN}/teamwork/installedApps/{installationId}/upgrade``, the same under
   ``/teams/{teamId}`` and ``/chats/{chatId}``, also with the ``microsoft.graph.upgrade``
-  segment: 204 and the installation moves to its app's latest version; the optional
+  segment: 204 and the installation moves to its app's latest published version; the optional
   ``consentedPermissionSet`` body is checked for shape;
 - ``GET .../installedApps?$expand=teamsApp&$filter=teamsApp/id eq '…'`` (or
-  ``teamsApp/externalId``, or ``teamsAppDefinition/displayName``), the installation lookup;
+  ``teamsApp/externalId``, or ``teamsAppDefinition/displayName``), the installation lookup, with
+  ``teamsAppDefinition`` (the installed version) when expanded;
+- ``GET .../installedApps/{id}?$expand=teamsAppDefinition`` and ``GET /appCatalogs/teamsApps``
+  with ``$filter`` and ``$expand=appDefinitions`` (:mod:`standins.graph_catalog`): an upgrade
+  moves to the catalog's latest *published* version, so ``Tenant.publish`` can make it lag;
 - ``GET /groups/{id}/transitiveMembers/microsoft.graph.user`` with ``$top`` and
   ``@odata.nextLink`` paging (``Tenant.group_page_size`` caps the page);
 - Graph's error bodies, headers (``request-id``, ``client-request-id``, ``Date``,
@@ -19,7 +23,7 @@ What it simulates (``/v1.0`` and ``/beta`` alike):
   with a decimal ``Retry-After`` (:meth:`GraphSimulator.set_rate_limit`) and seeded latency.
 
 What it does not: token contents (a ``token_validator`` callback decides), permissions and
-consent rules, installing or uninstalling through HTTP, ``$batch``, the app catalog, ``$select``
+consent rules (but ``Tenant.deny_catalog``), installing or uninstalling through HTTP, ``$batch``, ``$select``
 on installations, HTTPS or HTTP/2. Its behaviour where Graph's is unknown (an upgrade of an
 installation already at the latest version answers 204) is marked GUESS where it is decided.
 
@@ -64,6 +68,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 from aiohttp import web
 
 from ._background import BackgroundServer
+from .graph_catalog import catalog_page, installation_entity
 from .graph_faults import CHAOS_KINDS, ROUTES, Chaos, Fault, RateLimit
 from .graph_requests import (
     GraphError,
@@ -105,6 +110,7 @@ class RecordedRequest:
     received_at: float  # time.monotonic()
     raw_query: str = ""
     fault: str | None = None  # "scripted", "passthrough" or "chaos:<kind>" when one applied
+    route: str | None = None  # "upgrade", "list", "installation", "catalog", "group"; None: unroutable
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,7 @@ class GraphSimulator:
                 received_at,
                 raw_query,
                 fault_label,
+                route.kind,
             )
             slot = _Slot(record)
             self._slots.append(slot)
@@ -386,6 +393,10 @@ class GraphSimulator:
             return self._upgrade(route, body, headers, ids)
         if route.kind == "list":
             return json_response(200, self._list(route, query, base), ids, ODATA_JSON)
+        if route.kind == "installation":
+            return json_response(200, installation_entity(self.tenant, route, query, base), ids, ODATA_JSON)
+        if route.kind == "catalog":
+            return json_response(200, catalog_page(self.tenant, query, base), ids, ODATA_JSON)
         return json_response(200, self._group_page(route, query, base, request), ids, ODATA_JSON)
 
     def _authenticate(self, authorization: str) -> None:
