@@ -23,9 +23,11 @@ Start with:  python -m upgrade_handler demo
 EPILOG = """\
 Settings come from the same environment variables as the function (ServiceBusConnection or
 ServiceBusConnection__fullyQualifiedNamespace, UPGRADE_QUEUE_NAME, DEADLETTER_QUEUE_NAME,
-GRAPH_BASE_URL, AZURE_CLIENT_ID, UPGRADE_MAX_*); flags override them. With a namespace, Service Bus
-and Graph are reached with your Azure sign-in (az login), or a managed identity where one is set up.
-Exit status: 0 done, 1 failed, 2 bad usage, setting or request (nothing sent), 3 (upgrade) try later.
+GRAPH_BASE_URL, AZURE_CLIENT_ID, UPGRADE_MAX_*; AzureWebJobsStorage for rollout); flags override
+them. With a namespace, Service Bus and Graph are reached with your Azure sign-in (az login), or a
+managed identity where one is set up.
+Exit status: 0 done, 1 failed, 2 bad usage, setting or request (nothing sent), 3 (upgrade) try later;
+rollout status --wait has its own (see rollout status --help).
 See docs/operating.md.
 """
 
@@ -244,10 +246,61 @@ permission to upgrade the installation (e.g. TeamsAppInstallation.ReadWriteForUs
     )
     _request_flags(upgrade, fan_out=False)
     add_graph_flags(upgrade)
-    for sub in (demo, worker, send, listing, show, replay, upgrade):
+    rollout_status, rollout_list = _rollout_commands(commands)
+    for sub in (demo, worker, send, listing, show, replay, upgrade, rollout_status, rollout_list):
         # Also after the command: "worker -v" as well as "-v worker".
         sub.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _rollout_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    rollout = commands.add_parser(
+        "rollout",
+        help="how a rollout is going, from the ledger: status (--wait for pipelines), list",
+        formatter_class=_Formatter,
+        description="""\
+Every request with a rolloutId (default: its requestId) records how it ended in the rollout ledger,
+the ROLLOUT_TABLE table (default rollouts) of the function's storage account (AzureWebJobsStorage,
+or AzureWebJobsStorage__accountName with your Azure sign-in). These commands read it.""",
+    )
+    actions = rollout.add_subparsers(dest="action", metavar="ACTION", required=True)
+    status = actions.add_parser(
+        "status",
+        help="counts by outcome, dead letters by reason, a progress bar; --wait until settled",
+        formatter_class=_Formatter,
+        description="""\
+Prints one rollout: how many targets are expected (the users its fan-out pages named), whether the
+last page has been read, the targets by outcome (upgraded, current, skipped, retrying,
+deadlettered) and the dead letters by reason. With --wait, reads the ledger again every few
+seconds until the rollout is settled: the last page read and every expected target upgraded,
+current, skipped or dead-lettered.
+
+Exit status: 0 printed (--wait: settled, nothing dead-lettered); 1 --wait: settled with dead
+letters, or the ledger could not be read; 2 --timeout passed first; 3 no ledger to read
+(AzureWebJobsStorage is not set).
+
+Example (a release pipeline):
+  python -m upgrade_handler rollout status "$ROLLOUT" --wait --timeout 3600 --json
+""",
+    )
+    status.add_argument("rollout_id", metavar="ROLLOUT_ID", help="the rollout: the requests' rolloutId")
+    status.add_argument("--wait", action="store_true", help="wait until the rollout is settled")
+    status.add_argument(
+        "--timeout", type=seconds, metavar="SECONDS", help="with --wait: give up after this long (exit 2)"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object (with --wait: at the end)")
+    listing = actions.add_parser(
+        "list",
+        help="the rollouts recorded lately, with their progress",
+        formatter_class=_Formatter,
+        description="Lists the rollouts with a ledger record written within --since, most recent first, "
+        "each with its state and counts by outcome.",
+    )
+    listing.add_argument("--since", type=duration, metavar="DURATION", default="24h", help="how far back: 30m, 24h, 7d")
+    listing.add_argument("--json", action="store_true", help="print one JSON object: {since, rollouts: [...]}")
+    return status, listing
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Exit statuses: 0 done; 1 the operation failed (Service Bus refused, a replay or an upgrade
 failed); 2 a usage, setting or request error, before anything was sent; 3 ``upgrade`` only: Graph
-asked to try again later.
+asked to try again later. ``rollout status --wait`` has its own (:mod:`.rollout`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ async def dispatch(
     """
     errors = errors or make_console(stderr=True)
     try:
+        if args.command == "rollout":  # reads the storage account only: no Service Bus, no Graph
+            from .rollout import run_command as run_rollout
+
+            return await run_rollout(args, console, errors, settings_from(args, needs_service_bus=False), **seams)
         return await _dispatch(args, console, bus, seams)
     except ConfigurationError as error:
         errors.print(f"error: {error}", markup=False)
