@@ -243,6 +243,7 @@ async def fanout(
             else:
                 graph.tenant.group_page_size = old_page_size
         await handler.aclose()
+        await sender.aclose()
 
     records = graph.requests[requests_before:]
     calls: Counter[str] = Counter(classify(r) for r in records)

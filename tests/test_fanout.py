@@ -14,6 +14,7 @@ from standins.servicebus_broker import ServiceBusBroker
 from tests.conftest import DEADLETTER_QUEUE, UPGRADE_QUEUE
 from tests.support import APP, function_message, new_user
 from upgrade_handler.fanout import child_message_id
+from upgrade_handler.ratelimit import HEADROOM
 
 pytestmark = pytest.mark.usefixtures("reset_stand_ins")
 
@@ -259,16 +260,18 @@ async def test_children_come_due_at_the_tenants_pace(make_handler, graph, broker
     await handler.handle_function_message(function_message({"userIds": users[:6], "teamsAppId": APP}, message_id="a"))
     await handler.handle_function_message(function_message({"userIds": users[6:], "teamsAppId": APP}, message_id="b"))
 
-    # then the first child is due at once and the others follow one every 0.2 s, the second fan-out
-    # continuing the first's timeline instead of doubling up on it
+    # then the first child is due at once and the others follow one every 2 / (10 x 92% headroom) s,
+    # the second fan-out continuing the first's timeline instead of doubling up on it
     children = queued(broker)
     due = sorted((m.scheduled_enqueue_time_utc or clock.now()) - clock.now() for m in children)
-    assert [round(d.total_seconds(), 3) for d in due] == [round(i * 0.2, 3) for i in range(12)]
+    step = 2 / (10 * HEADROOM)
+    assert [d.total_seconds() for d in due] == pytest.approx([i * step for i in range(12)], abs=0.002)
+    assert step * 5 <= 1.1  # at most 10 calls' worth of children come due in any second
     assert sum(1 for m in children if m.scheduled_enqueue_time_utc is None) == 1
 
 
 async def test_a_groups_continuation_comes_due_just_before_its_pages_last_child(make_handler, graph, broker, clock):
-    handler = make_handler(max_requests_per_second=1)  # one child every 2 s
+    handler = make_handler(max_requests_per_second=1)  # one child every 2 s (and 8% headroom)
     members = [new_user(graph.tenant)[0] for _ in range(15)]
     group = new_group(graph, members)
     graph.tenant.group_page_size = 10
@@ -280,5 +283,5 @@ async def test_a_groups_continuation_comes_due_just_before_its_pages_last_child(
     messages = queued(broker)
     [continuation] = [m for m in messages if "groupId" in json.loads(m.body)]
     last_child = max(m.scheduled_enqueue_time_utc or clock.now() for m in messages if "userId" in json.loads(m.body))
-    assert (last_child - clock.now()).total_seconds() == pytest.approx(18)  # 10 children, 2 s apart
+    assert (last_child - clock.now()).total_seconds() == pytest.approx(9 * 2 / HEADROOM, abs=0.002)  # 10 children
     assert last_child - continuation.scheduled_enqueue_time_utc == timedelta(seconds=10)

@@ -113,7 +113,7 @@ class FanOut:
         carried[PARENT_PROPERTY] = root_id
         users = list(user_ids)
         now = context.settler.clock.now()
-        start = await self._timeline.reserve(len(users) * CHILD_CALLS) if users else now
+        start = await self._timeline.reserve_schedule(len(users) * CHILD_CALLS) if users else now
         due = due_times(start, len(users), CHILD_CALLS, self._timeline.rate)
         children = [
             self._message(

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .auth import CredentialFactory, TokenProvider, default_credential
+from .budget import LocalSchedule, shared_budget
 from .catalog import Catalog
 from .clock import Clock, SystemClock
 from .context import DeliveryContext, Settler
@@ -30,9 +31,9 @@ from .graph import GraphClient
 from .ledger import open_ledger
 from .messages import FanOutRequest, parse_request
 from .outcome import Outcome
-from .ratelimit import AdaptiveRateLimiter
+from .ratelimit import HEADROOM, AdaptiveRateLimiter
 from .retry import INLINE_ATTEMPTS, Backoff, RetryPolicy
-from .schedule import LocalTimeline, Timeline
+from .schedule import Timeline
 from .servicebus import MessageSender, ServiceBusMessageSender
 from .settings import Settings
 from .settlement import DeadLetterReason
@@ -71,16 +72,22 @@ class UpgradeHandler:
             limiter=AdaptiveRateLimiter(
                 settings.max_requests_per_second, clock=self.clock.monotonic, sleep=self.clock.sleep
             ),
+            budget=shared_budget(settings, clock=self.clock.monotonic, sleep=self.clock.sleep),
+            budget_wait=settings.max_budget_wait_seconds,
         )
         self.tokens = tokens or TokenProvider(
             settings.graph_scope,
             credential_factory or (lambda: default_credential(settings.managed_identity_client_id)),
         )
         self.sender: MessageSender = sender or ServiceBusMessageSender(settings.service_bus)
+        self._owns_sender = sender is None
         policy = RetryPolicy(settings.max_inline_wait_seconds, backoff or Backoff(), rng or random.Random())
         self.ledger = open_ledger(settings)
         self.settler = Settler(settings, self.sender, self.clock, policy, self.ledger)
-        self.timeline: Timeline = LocalTimeline(settings.max_requests_per_second, self.clock.now)
+        # Fan-out children are paced at the budget's rate: the fleet's, or this process's without a store.
+        self.timeline: Timeline = self.graph.budget or LocalSchedule(
+            settings.max_requests_per_second * HEADROOM, now=self.clock.now
+        )
         self.catalog = Catalog(self.graph, self.clock.monotonic)
 
     @classmethod
@@ -89,12 +96,15 @@ class UpgradeHandler:
         return cls(Settings.from_environment(), **seams)
 
     async def aclose(self) -> None:
+        """Close the clients this handler opened (a sender passed in is its owner's to close)."""
+        if self.graph.budget is not None:
+            await self.graph.budget.aclose()
         await self.graph.aclose()
         await self.tokens.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()
         close = getattr(self.sender, "aclose", None)
-        if close is not None:
+        if self._owns_sender and close is not None:
             await close()
 
     async def handle_function_message(self, message: FunctionMessage) -> None:

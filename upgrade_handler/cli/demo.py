@@ -342,8 +342,7 @@ async def _run(
             )
         console.print()
     finally:
-        await handler.graph.aclose()
-        await handler.tokens.aclose()
+        await handler.aclose()
         await bus.aclose()
     return processed
 

@@ -325,8 +325,7 @@ async def run_command(args: Any, console: Any, settings: Any, bus: Bus, **seams:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
-        await handler.graph.aclose()
-        await handler.tokens.aclose()
+        await handler.aclose()
     outcomes = ", ".join(f"{count} {name}" for name, count in sorted(stats.outcomes.items())) or "nothing handled"
     console.print(
         f"Worker stopped: {stats.received} received, {stats.completed} completed, {stats.abandoned} abandoned"
