@@ -718,6 +718,7 @@ async def test_logs_carry_ids_but_never_secrets_or_user_names(invoke, graph, bro
     assert "upgrade.succeeded" in text and "upgrade.dead_lettered" in text and "upgrade.attempt_failed" in text
     succeeded = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("upgrade.succeeded"))
     assert "request_id=rel-1" in succeeded and "graph_request_id=" in succeeded and "client_request_id=" in succeeded
+    assert "budget_wait_ms=0" in succeeded  # §7: every success says how long it waited for its turn
 
 
 async def test_a_user_name_that_graph_quotes_never_reaches_the_logs(invoke, graph, broker, caplog):

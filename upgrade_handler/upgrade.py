@@ -64,6 +64,7 @@ class SingleUpgrade:
             graph_request_id=call.request_id,
             client_request_id=call.client_request_id,
             duration_ms=round((context.settler.clock.monotonic() - started) * 1000),
+            budget_wait_ms=call.budget_wait_ms,
         )
 
     async def _resolve(self, context: DeliveryContext, token: str, gate_wait: float) -> tuple[str, str | None, AppRef]:
