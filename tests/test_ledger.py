@@ -261,6 +261,22 @@ async def test_single_requests_without_a_fan_out_are_complete_once_recorded(
     assert (both.expected, both.complete, both.settled) == (2, True, True)
 
 
+async def test_a_child_recorded_before_its_fan_outs_page_does_not_complete_the_rollout(
+    azurite: Azurite, ledgers: Callable[..., Ledger]
+) -> None:
+    ledger, rollout = ledgers(azurite.connection_string), new_rollout()
+
+    # The first child is due at once: its row can land before the page row (or the page's write failed).
+    await ledger.record(user(rollout, "a@contoso.com", fanout_id="fan-1"))
+    early = await ledger.status(rollout)
+    await ledger.record(PageRecord(rollout, "fan-1", 1, 2, True, AT))
+    await ledger.record(user(rollout, "b@contoso.com", fanout_id="fan-1"))
+    done = await ledger.status(rollout)
+
+    assert (early.recorded, early.complete, early.settled) == (1, False, False)
+    assert (done.expected, done.complete, done.settled) == (2, True, True)
+
+
 def test_a_dead_lettered_fan_out_completes_its_rollout_with_the_pages_read_so_far() -> None:
     rows: list[dict[str, Any]] = [
         {"RowKey": "~page:fan-1:000001", "targets": 2, "last": False},

@@ -27,9 +27,10 @@ if there were no ledger.
 
 - ``expected``: the targets the fan-out pages named (their sum), or the targets recorded when that
   is more (single requests beside a fan-out, or a rollout of single requests only);
-- ``complete``: every fan-out of the rollout has read its last page (a ``last`` page row and all of
-  its pages 1..n present) or was itself dead-lettered (a ``fanout`` target row); a rollout without
-  page rows is complete once anything is recorded;
+- ``complete``: every fan-out of the rollout (named by its page rows, or by a child's ``fanoutId``)
+  has read its last page (a ``last`` page row and all of its pages 1..n present) or was itself
+  dead-lettered (a ``fanout`` target row); a rollout of single requests only is complete once
+  anything is recorded;
 - ``settled``: complete, and every expected target recorded as ``upgraded``, ``current``, ``skipped``
   or ``deadlettered``.
 
@@ -86,6 +87,10 @@ class TargetRecord:
     version_after: str | None = None
     reason: str | None = None
     message_id: str | None = None
+    fanout_id: str | None = None
+    """For a fan-out child: the fan-out's first message id (``FanOutParentMessageId``). The rollout is
+    then complete only once that fan-out's pages are read to the end, even when the child's row lands
+    before its page's (or the page's write failed)."""
 
     def __post_init__(self) -> None:
         if self.outcome not in OUTCOMES:
@@ -168,6 +173,7 @@ def entity_of(record: TargetRecord | PageRecord) -> dict[str, Any]:
         "versionAfter": record.version_after,
         "reason": record.reason,
         "messageId": record.message_id,
+        "fanoutId": record.fanout_id,
     }
     return {name: value for name, value in row.items() if value is not None}
 
@@ -222,6 +228,8 @@ def summarise(rollout_id: str, rows: Iterable[Mapping[str, Any]]) -> RolloutStat
     dead_letters: Counter[str] = Counter()
     pages: dict[str, dict[int, tuple[int, bool]]] = {}
     failed_fanouts: set[str] = set()
+    fanouts: set[str] = set()
+    """Every fan-out a row names (escaped as in the page keys)."""
     last_activity: datetime | None = None
     for row in rows:
         at = row.get("at")
@@ -237,6 +245,9 @@ def summarise(rollout_id: str, rows: Iterable[Mapping[str, Any]]) -> RolloutStat
         if outcome not in OUTCOMES:
             continue  # a row this version does not know: neither a target nor a page
         counts[outcome] += 1
+        parent = row.get("fanoutId")
+        if isinstance(parent, str) and parent:
+            fanouts.add(escape_key(parent))
         if outcome == "deadlettered":
             dead_letters[str(row.get("reason") or "(none)")] += 1
             scope, target = target_of(key)
@@ -244,7 +255,10 @@ def summarise(rollout_id: str, rows: Iterable[Mapping[str, Any]]) -> RolloutStat
                 failed_fanouts.add(escape_key(target))
     recorded = sum(counts.values())
     paged = sum(targets for fanout in pages.values() for targets, _ in fanout.values())
-    complete = recorded > 0 if not pages else all(_read_to_the_end(p) or f in failed_fanouts for f, p in pages.items())
+    fanouts |= pages.keys()
+    complete = (recorded > 0 or bool(pages)) and all(
+        fanout in failed_fanouts or _read_to_the_end(pages.get(fanout, {})) for fanout in fanouts
+    )
     return RolloutStatus(
         rollout_id=rollout_id,
         expected=max(paged + len(failed_fanouts), recorded),
@@ -334,7 +348,7 @@ class Ledger:
     async def status(self, rollout_id: str) -> RolloutStatus:
         """The rollout's status from one partition query; an unknown rollout (or no table yet) has no rows."""
         query = "PartitionKey eq @rollout"
-        columns = ["RowKey", "outcome", "reason", "targets", "last", "at"]
+        columns = ["RowKey", "outcome", "reason", "targets", "last", "at", "fanoutId"]
 
         async def read() -> list[Any]:
             parameters = {"rollout": partition_key(rollout_id)}
