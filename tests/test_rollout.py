@@ -179,3 +179,17 @@ def test_without_a_storage_account_there_is_no_ledger(environment):
     from upgrade_handler.settings import Settings
 
     assert open_ledger(Settings.from_environment()) is None
+
+
+async def test_a_child_recorded_before_its_page_keeps_the_rollout_open(with_ledger, graph, broker):
+    """A child may finish before its fan-out's page row lands (or that write may fail): the child's row
+    names its fan-out, so the rollout waits for that fan-out's pages instead of settling early."""
+    handler = with_ledger()
+    user, _, _ = new_user(graph.tenant)
+    child = {"userId": user, "teamsAppId": APP, "ifNotInstalled": "skip", "rolloutId": "r-early"}
+
+    await handler.handle_function_message(function_message(child, properties={"FanOutParentMessageId": "fan-1"}))
+
+    status = await status_of(handler, "r-early")
+    assert status.counts["upgraded"] == 1
+    assert not status.complete and not status.settled

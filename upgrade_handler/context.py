@@ -74,8 +74,9 @@ class DeliveryContext:
     target: Target | None = None
     """The one installation owner of a single request, once it is read (``None`` for a fan-out)."""
     fanout_id: str | None = None
-    """For a fan-out: the id of the message that named the users, which every child and
-    continuation derives its id from (a continuation names it in ``FanOutParentMessageId``)."""
+    """The id of the message that named the users: for a fan-out, the one every child and
+    continuation derives its id from (a continuation names it in ``FanOutParentMessageId``); for
+    a child, its fan-out's (so the ledger waits for that fan-out's last page before it settles)."""
 
     @classmethod
     def of(cls, delivery: Delivery, settler: Settler) -> DeliveryContext:
@@ -122,11 +123,12 @@ class DeliveryContext:
             else None
         )
         self.log["rollout_id"] = self.rollout_id
+        parent = self.delivery.application_properties.get(PARENT_PROPERTY)
+        parent = parent if isinstance(parent, str) and parent else None
         if isinstance(request, FanOutRequest):
-            parent = self.delivery.application_properties.get(PARENT_PROPERTY)
-            continuation = request.next_link is not None and isinstance(parent, str) and bool(parent)
-            self.fanout_id = parent if continuation else self.history.original_message_id
+            self.fanout_id = parent if request.next_link is not None and parent else self.history.original_message_id
         else:
+            self.fanout_id = parent  # a child: the fan-out that named it
             target = self.target = request.target
             self.log["scope"] = target.scope.value
             self.log["target"] = redact_user(target.id) if target.scope is Scope.USER else target.id
@@ -177,10 +179,11 @@ class DeliveryContext:
         """Write how this request for its one target ended to the rollout ledger (§8), when there is
         one; the ledger never raises, so it never changes what happens to the message."""
         ledger, target = self.settler.ledger, self.target
+        fanout_id = self.fanout_id
         if target is not None:
             scope, target_id = target.scope.value, target.id
-        elif self.fanout_id is not None and outcome == "deadlettered":  # the rollout's pages end here
-            scope, target_id = "fanout", self.fanout_id
+        elif fanout_id is not None and outcome == "deadlettered":  # the rollout's pages end here
+            scope, target_id, fanout_id = "fanout", fanout_id, None
         else:
             return
         if ledger is None or self.rollout_id is None:
@@ -194,6 +197,7 @@ class DeliveryContext:
                 attempts=self.attempts,
                 at=self.settler.clock.now(),
                 message_id=self.history.original_message_id,
+                fanout_id=fanout_id,
                 **details,
             )
         )

@@ -125,8 +125,10 @@ class FanOut:
             )
             for user_id, when in zip(users, due, strict=True)
         ]
-        await context.enqueue(children)
         page = count_property(properties.get(PAGE_PROPERTY)) or 1
+        # The header row first: a child that finishes at once must find its page expected.
+        await context.record_page(root_id, page, len(children), last=next_link is None)
+        await context.enqueue(children)
         continuation = None
         if next_link is not None:
             continuation = self._message(
@@ -137,7 +139,6 @@ class FanOut:
                 due=due[-1] - CONTINUATION_LEAD if due else None,
             )
             await context.enqueue([continuation])
-        await context.record_page(root_id, page, len(children), last=next_link is None)
         context.log_event(
             "upgrade.fanned_out",
             children=len(children),

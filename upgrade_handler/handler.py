@@ -1,10 +1,13 @@
 """The upgrade handler: one delivery in, one settled outcome out (contract §2).
 
-    validate → resolve the installation if needed → token → upgrade → classify → finish
+    validate → pick the job → token → job (resolve, check the version, upgrade; or fan out)
+             → classify the failure → finish
 
-Finishing is one of: return (the host completes the message), schedule a retry copy on the
+One :class:`~upgrade_handler.context.DeliveryContext` carries the delivery through these steps
+and owns how it finishes: return (the host completes the message), schedule a retry copy on the
 upgrade queue, or send a dead-letter copy to the dead-letter queue. When such a send fails the
-Service Bus error propagates, the host abandons the message and it is delivered again.
+Service Bus error propagates, the host abandons the message and it is delivered again. The jobs
+are :class:`~upgrade_handler.upgrade.SingleUpgrade` and :class:`~upgrade_handler.fanout.FanOut`.
 """
 
 from __future__ import annotations
