@@ -8,7 +8,11 @@ raise (the broker redelivers and counts). Meanwhile:
 - the identity endpoint fails 5% of token requests (tokens live one second, so they are
   fetched again and again: with Azure's hour-long tokens a failing endpoint would hardly show);
 - the broker refuses 2% of the handler's sends (retry copies and dead letters), so the handler
-  raises and the message is abandoned and delivered again.
+  raises and the message is abandoned and delivered again;
+- faults on the wire, in turn (``standins.faults.FaultProxy`` in front of each stand-in): the
+  identity endpoint hangs (accepts and never answers), the handler's Service Bus link freezes,
+  Graph trickles its answers a byte at a time; each ends as a network ends a dead link, with the
+  connections reset. Only the time limits (shortened here) get the handler through these.
 
 Then every request must have ended exactly once: upgraded (at least one 2xx upgrade in the
 simulator's records) or on the dead-letter queue with a reason. The mix of requests includes
@@ -28,12 +32,14 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import sys
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from azure.identity.aio import ManagedIdentityCredential
@@ -42,6 +48,7 @@ from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
 
 from bench._common import APP, HOST_CONCURRENCY, MI_CLIENT_ID, ROOT, quiet_logs, stand_ins, table, write_result
+from standins.faults import FaultProxy
 from standins.graph_simulator import CHAOS_KINDS, GraphSimulator
 from standins.identity_endpoint import IdentityEndpoint
 from standins.servicebus_broker import DEAD_LETTER_SUFFIX, ServiceBusBroker
@@ -93,6 +100,65 @@ class SoakConfig:
     backoff_cap: float = 2.0
     max_requests_per_second: float = 1000.0
     deadline_seconds: float = 900.0
+    #: Wire faults, one at a time in turn (see WIRE_FAULTS): each lasts this long, with a gap
+    #: before it. The run goes on until every kind has happened at least once.
+    wire_fault_seconds: float = 1.0
+    wire_fault_gap: float = 0.3
+    trickle_interval: float = 0.05
+    #: The time limits of contract §2 (token 10 s, send 30 s), shortened to fit the faults; the
+    #: Graph request's whole-request limit is ``graph_timeout``. A send must have time to open a
+    #: new connection and link (about 0.5 s each on a busy machine), so its limit is longer, and
+    #: a frozen link lasts longer still, so that sends do run into the limit.
+    token_timeout: float = 0.5
+    send_timeout: float = 2.0
+    servicebus_freeze_seconds: float = 2.5
+
+
+#: What goes wrong on the wire, in this order, again and again.
+WIRE_FAULTS = ("graph_trickle", "identity_hang", "servicebus_freeze")
+
+
+class WireFaults:
+    """Runs the wire faults in turn on proxies in front of the identity endpoint, the broker (the
+    handler's sends only) and Graph; counts what each one held up."""
+
+    def __init__(self, config: SoakConfig, identity: FaultProxy, bus: FaultProxy, graph: FaultProxy) -> None:
+        self.config = config
+        self.proxies = {"graph_trickle": graph, "identity_hang": identity, "servicebus_freeze": bus}
+        self.windows: Counter[str] = Counter()
+        self.rounds = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                for kind in WIRE_FAULTS:
+                    await asyncio.sleep(self.config.wire_fault_gap)
+                    proxy = self.proxies[kind]
+                    if kind == "graph_trickle":
+                        proxy.trickle(self.config.trickle_interval)
+                    else:
+                        proxy.freeze()
+                    self.windows[kind] += 1
+                    try:
+                        if kind == "servicebus_freeze":
+                            await asyncio.sleep(self.config.servicebus_freeze_seconds)
+                        else:
+                            await asyncio.sleep(self.config.wire_fault_seconds)
+                    finally:
+                        proxy.sever()
+                        proxy.flow()
+                self.rounds += 1
+        except asyncio.CancelledError:
+            return
+
+    def figures(self) -> dict[str, Any]:
+        graph, identity, bus = (self.proxies[kind] for kind in WIRE_FAULTS)
+        return {
+            "windows": dict(self.windows),
+            "identity_requests_held": identity.held,
+            "servicebus_frames_held": bus.held,
+            "graph_bytes_trickled": graph.trickled,
+        }
 
 
 @dataclass(frozen=True)
@@ -210,12 +276,30 @@ async def soak(
     identity: IdentityEndpoint, graph: GraphSimulator, broker: ServiceBusBroker, config: SoakConfig
 ) -> dict[str, Any]:
     """Run one soak against running stand-ins; returns the reconciliation and the figures."""
+    identity_port, graph_port = urlsplit(identity.url).port, urlsplit(graph.url).port
+    assert identity_port is not None
+    assert graph_port is not None
+    with (
+        FaultProxy(identity_port) as identity_proxy,
+        FaultProxy(broker.port) as bus_proxy,
+        FaultProxy(graph_port) as graph_proxy,
+    ):
+        faults = WireFaults(config, identity_proxy, bus_proxy, graph_proxy)
+        return await _soak(identity, graph, broker, config, faults)
+
+
+async def _soak(
+    identity: IdentityEndpoint, graph: GraphSimulator, broker: ServiceBusBroker, config: SoakConfig, faults: WireFaults
+) -> dict[str, Any]:
     run = f"soak{config.seed}-{uuid.uuid4().hex[:6]}"
     queue, deadletter_queue = f"{run}-upgrades", f"{run}-deadletter"
+    graph_proxy, identity_proxy, bus_proxy = (faults.proxies[kind] for kind in WIRE_FAULTS)
+    proxied_identity = identity.url.replace(f":{urlsplit(identity.url).port}", f":{identity_proxy.port}", 1)
     env = {
         **identity.environment(),
-        "ServiceBusConnection": broker.connection_string,
-        "GRAPH_BASE_URL": graph.url,
+        # The handler's own traffic goes through the proxies; the host's receiver does not.
+        "ServiceBusConnection": broker.connection_string.replace(f":{broker.port};", f":{bus_proxy.port};"),
+        "GRAPH_BASE_URL": graph_proxy.url,
         "AZURE_CLIENT_ID": MI_CLIENT_ID,
         "UPGRADE_QUEUE_NAME": queue,
         "DEADLETTER_QUEUE_NAME": deadletter_queue,
@@ -231,12 +315,26 @@ async def soak(
     from upgrade_handler.servicebus import ServiceBusMessageSender
 
     # retry_total=0: a refused send reaches the handler instead of being retried by the SDK.
-    sender = ServiceBusMessageSender(settings.service_bus, retry_total=0)
-    tokens = TokenProvider(settings.graph_scope, lambda: ManagedIdentityCredential(client_id=MI_CLIENT_ID))
+    sender = ServiceBusMessageSender(settings.service_bus, send_timeout=config.send_timeout, retry_total=0)
+
+    def credential() -> ManagedIdentityCredential:
+        # azure-identity reads the endpoint from the environment when the credential is built.
+        saved = os.environ.get("IDENTITY_ENDPOINT")
+        os.environ["IDENTITY_ENDPOINT"] = proxied_identity
+        try:
+            return ManagedIdentityCredential(client_id=MI_CLIENT_ID)
+        finally:
+            if saved is None:
+                del os.environ["IDENTITY_ENDPOINT"]
+            else:
+                os.environ["IDENTITY_ENDPOINT"] = saved
+
+    tokens = TokenProvider(settings.graph_scope, credential, timeout=config.token_timeout)
     client = GraphClient(
         settings.graph_base_url,
         limiter=AdaptiveRateLimiter(settings.max_requests_per_second),
         timeout=httpx.Timeout(config.graph_timeout, connect=config.graph_timeout),
+        request_timeout=config.graph_timeout,
     )
     handler = UpgradeHandler(
         settings,
@@ -264,6 +362,7 @@ async def soak(
         identity.set_failure_rate(config.identity_failure_rate, seed=config.seed)
         broker.fail_sends(queue, rate=config.send_failure_rate, seed=config.seed)
         broker.fail_sends(deadletter_queue, rate=config.send_failure_rate, seed=config.seed + 1)
+        wire = asyncio.create_task(faults.run())
         try:
             receiver = bus.get_queue_receiver(queue, receive_mode=ServiceBusReceiveMode.PEEK_LOCK, prefetch_count=0)
             async with receiver:
@@ -273,10 +372,12 @@ async def soak(
                     await driver.pump()
                     if time.monotonic() >= next_check:
                         next_check = time.monotonic() + 0.5
-                        if driver.busy == 0 and not broker.messages(queue):
+                        if driver.busy == 0 and not broker.messages(queue) and faults.rounds >= 1:
                             break
                 await driver.drain()
         finally:
+            wire.cancel()
+            await wire
             graph.set_chaos({})
             identity.set_failure_rate(0)
             identity.set_token_lifetime(86400.0)
@@ -299,6 +400,7 @@ async def soak(
             "identity_requests": len(identity.requests) - identity_before,
             "identity_failures": sum(1 for r in identity.requests[identity_before:] if r.status != 200),
             "retry_copies_sent": broker.sent_count(queue) - len(requests),
+            "wire_faults": faults.figures(),
         },
     )
 
@@ -348,11 +450,12 @@ def reconcile(
         if end == request.expected:
             continue
         detail = f"{request.request_id} ({request.kind}): {end}, last Graph answer {statuses.get(request.request_id)}"
-        if request.expected == "upgraded" and (
-            end == "RetriesExhausted" or statuses.get(request.request_id, "")[:3] == "401"
+        if (request.expected != "InvalidMessage" and end == "RetriesExhausted") or (
+            request.expected == "upgraded" and statuses.get(request.request_id, "")[:3] == "401"
         ):
-            # A valid request may run out of attempts under this much chaos; and with one-second
-            # tokens (see SoakConfig.token_lifetime) one may be refused twice for an expired token.
+            # A request that calls Graph may run out of attempts under this much chaos (Graph
+            # failing, trickling, or no token); and with one-second tokens (see
+            # SoakConfig.token_lifetime) one may be refused twice for an expired token.
             tolerated.append(detail)
         else:
             unexpected.append(detail)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.faults import CannedServer, FaultProxy
+from standins.faults import CannedServer, FaultProxy
 from tests.support import APP, USER
 from upgrade_handler.errors import GraphConnectionError, GraphTimeout, TransientGraphError
 from upgrade_handler.graph import GraphClient

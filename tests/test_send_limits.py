@@ -15,7 +15,7 @@ import pytest
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.exceptions import OperationTimeoutError, ServiceBusError
 
-from tests.faults import FaultProxy
+from standins.faults import FaultProxy
 from upgrade_handler.servicebus import MAX_BATCH_BYTES, ServiceBusMessageSender, _new_batch
 from upgrade_handler.settings import ServiceBusConnection
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.faults import FaultProxy
+from standins.faults import FaultProxy
 from tests.support import MI_CLIENT_ID
 from upgrade_handler.auth import TokenProvider, default_credential
 from upgrade_handler.errors import TokenUnavailable

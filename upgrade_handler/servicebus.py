@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from azure.servicebus import ServiceBusMessage, ServiceBusMessageBatch
@@ -42,6 +43,20 @@ class MessageSender(Protocol):
     async def send(self, queue: str, messages: Sequence[ServiceBusMessage]) -> None: ...
 
 
+@dataclass(eq=False)
+class _Connection:
+    """One ``ServiceBusClient`` (one AMQP connection) and the senders open on it.
+
+    ``busy`` counts sends in progress on it: a retired connection is closed when the last of them
+    ends, never under a send that another queue's caller still has in flight.
+    """
+
+    client: ServiceBusClient
+    senders: dict[str, ServiceBusSender] = field(default_factory=dict)
+    busy: int = 0
+    retired: bool = False
+
+
 class ServiceBusMessageSender:
     """Sends through one ``ServiceBusClient``, keeping a sender open per queue.
 
@@ -57,28 +72,27 @@ class ServiceBusMessageSender:
         self._connection = connection
         self._send_timeout = send_timeout
         self._options = client_options
-        self._client: ServiceBusClient | None = None
+        self._current: _Connection | None = None
         self._credential: Any = None
-        self._senders: dict[str, ServiceBusSender] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def client(self) -> ServiceBusClient:
         """The process's one ``ServiceBusClient``, created on first use (tools open receivers on it)."""
-        if self._client is None:
+        return self._open().client
+
+    def _open(self) -> _Connection:
+        if self._current is None:
             if self._connection.connection_string:
-                self._client = ServiceBusClient.from_connection_string(
-                    self._connection.connection_string, **self._options
-                )
+                client = ServiceBusClient.from_connection_string(self._connection.connection_string, **self._options)
             else:
                 assert self._connection.fully_qualified_namespace
                 if self._credential is None:
                     self._credential = default_credential(self._connection.client_id)
-                self._client = ServiceBusClient(
-                    self._connection.fully_qualified_namespace, self._credential, **self._options
-                )
-        return self._client
+                client = ServiceBusClient(self._connection.fully_qualified_namespace, self._credential, **self._options)
+            self._current = _Connection(client)
+        return self._current
 
     async def send(self, queue: str, messages: Sequence[ServiceBusMessage]) -> None:
         """Send ``messages`` to ``queue`` in as few batches as Service Bus allows.
@@ -99,45 +113,45 @@ class ServiceBusMessageSender:
         lock = self._locks.setdefault(queue, asyncio.Lock())
         # One send at a time per link: the SDK does not guard a link opened by concurrent callers.
         async with lock:
-            client = self.client
-            sender = self._senders.get(queue)
+            connection = self._open()
+            sender = connection.senders.get(queue)
             if sender is None:
-                sender = client.get_queue_sender(queue)
-                self._senders[queue] = sender
+                sender = connection.client.get_queue_sender(queue)
+                connection.senders[queue] = sender
+            connection.busy += 1
+            doomed: list[Any] = []
             try:
                 await _send_all(sender, messages)
-            except (asyncio.CancelledError, ServiceBusConnectionError, OperationTimeoutError):
-                self._drop(queue, sender, client)  # the connection itself may be stuck or gone
+            except BaseException as error:
+                # A sender that failed is never reused; when the connection itself may be stuck or
+                # gone, the next send opens a new one.
+                if connection.senders.get(queue) is sender:
+                    del connection.senders[queue]
+                doomed.append(sender)
+                if isinstance(error, asyncio.CancelledError | ServiceBusConnectionError | OperationTimeoutError):
+                    connection.retired = True
+                    if self._current is connection:
+                        self._current = None
                 raise
-            except BaseException:
-                self._drop(queue, sender, None)
-                raise
-
-    def _drop(self, queue: str, sender: ServiceBusSender, client: ServiceBusClient | None) -> None:
-        """Forget a failed sender (and its client): closed in the background, never reused."""
-        doomed: list[Any] = []
-        if self._senders.get(queue) is sender:
-            del self._senders[queue]
-        doomed.append(sender)
-        if client is not None and self._client is client:
-            # Every sender of that client shares its connection.
-            doomed.extend(self._senders.values())
-            self._senders = {}
-            self._client = None
-            doomed.append(client)
-        closing = asyncio.ensure_future(_close_all(doomed))
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+            finally:
+                connection.busy -= 1
+                if connection.retired and connection.busy == 0:
+                    doomed.extend(connection.senders.values())
+                    connection.senders = {}
+                    doomed.append(connection.client)
+                if doomed:
+                    closing = asyncio.ensure_future(_close_all(doomed))
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        senders, self._senders = list(self._senders.values()), {}
-        for sender in senders:
-            await sender.close()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        connection, self._current = self._current, None
+        if connection is not None:
+            for sender in connection.senders.values():
+                await sender.close()
+            await connection.client.close()
         if self._credential is not None:
             await self._credential.close()
             self._credential = None

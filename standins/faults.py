@@ -7,7 +7,8 @@ benchmark's own loop talks to them over real sockets, as it would to a remote se
   forwards bytes both ways while ``flowing``. ``freeze()`` stops forwarding in both directions on
   every connection, open or new (connections are accepted and held): a hung endpoint or a frozen
   link. ``trickle(interval)`` passes what the service sends back one byte per ``interval``
-  seconds. ``flow()`` resumes forwarding whatever was held.
+  seconds. ``flow()`` resumes forwarding whatever was held; ``sever()`` first drops every open
+  connection, as a network that finally resets a dead link does (what was held is lost).
 - :class:`CannedServer` answers every request with the same bytes (``None``: reads and never
   answers) and closes the connection, for answers no stand-in would give (a corrupt body).
 """
@@ -91,7 +92,8 @@ class _LoopThread:
 class FaultProxy(_LoopThread):
     """A loopback TCP proxy to ``127.0.0.1:target_port`` that can freeze or trickle on command.
 
-    ``connections`` counts the connections accepted so far (a client that reconnects opens one).
+    ``connections`` counts the connections accepted so far (a client that reconnects opens one),
+    ``held`` the chunks that arrived while frozen, ``trickled`` the bytes passed on a byte at a time.
     """
 
     def __init__(self, target_port: int, *, target_host: str = "127.0.0.1") -> None:
@@ -100,6 +102,9 @@ class FaultProxy(_LoopThread):
         self._flowing = asyncio.Event()
         self._trickle: float | None = None
         self.connections = 0
+        self.held = 0
+        self.trickled = 0
+        self._open: set[asyncio.StreamWriter] = set()
         self._loop.call_soon(self._flowing.set)
 
     def freeze(self) -> None:
@@ -110,6 +115,15 @@ class FaultProxy(_LoopThread):
         """Forward again at full speed, starting with whatever was held."""
         self._set_trickle(None)
         self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def sever(self) -> None:
+        """Drop every open connection at once; new ones are accepted as the mode says."""
+
+        def close_all() -> None:
+            for writer in list(self._open):
+                writer.transport.abort()
+
+        self._loop.call_soon_threadsafe(close_all)
 
     def trickle(self, interval: float) -> None:
         """Pass the service's answers on one byte every ``interval`` seconds."""
@@ -125,22 +139,27 @@ class FaultProxy(_LoopThread):
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        self._open.update((writer, upstream_writer))
         try:
             await asyncio.gather(
                 self._pump(reader, upstream_writer, answers=False),
                 self._pump(upstream_reader, writer, answers=True),
             )
         finally:
+            self._open.difference_update((writer, upstream_writer))
             upstream_writer.close()
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, answers: bool) -> None:
         try:
             while chunk := await source.read(_CHUNK):
-                await self._flowing.wait()
+                if not self._flowing.is_set():
+                    self.held += 1
+                    await self._flowing.wait()
                 if answers and self._trickle is not None:
                     for index in range(len(chunk)):
                         await self._flowing.wait()
                         sink.write(chunk[index : index + 1])
+                        self.trickled += 1
                         await sink.drain()
                         if self._trickle is not None:
                             await asyncio.sleep(self._trickle)
