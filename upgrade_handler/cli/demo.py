@@ -9,6 +9,13 @@
 3. Run :class:`~upgrade_handler.cli.worker.Worker`, the same handler as the Azure Function, until
    the queue is idle (a scheduled retry copy that is about to come due counts as work).
 4. Print what happened to each request, then the dead-letter queue.
+5. A rollout (:mod:`.demo_rollout`): one group fan-out with ``version`` and ``rolloutId``, a member
+   already current, one deferred while the catalog lags and upgraded once it publishes, and the
+   rollout's status from the ledger.
+
+With Azurite installed (``make setup``) the demo starts it on a free loopback port and gives the
+handler ``AzureWebJobsStorage``: the shared Graph budget and the rollout ledger run as in Azure.
+Without it one process paces alone and the rollout's status is skipped, in one line.
 
 The Graph simulator answers the first upgrade calls from a script (a 502, a short and a long
 429, three 503s). The worker handles one message at a time here, so each scripted answer lands on
@@ -35,6 +42,7 @@ from rich.table import Table
 from ..fanout import PARENT_PROPERTY
 from ..handler import UpgradeHandler
 from ..settings import Settings
+from . import demo_rollout
 from .bus import Bus
 from .deadletters import Filters, Place, Source, collect, summary_table
 from .output import describe_request, envelope_of, plain, shorten
@@ -75,6 +83,9 @@ _PEOPLE = (
     "miriam.graham",
 )
 _NOT_INSTALLED = ("nestor.wilke", "patti.fernandez", "pradeep.gupta")
+#: The rollout's group, in the order the fan-out paces its members: a pilot user who already runs the
+#: new version, then the first member behind (who meets the lagging catalog), then the others.
+_FINANCE = ("megan.bowen", "lee.gu", "adele.vance", "johanna.lorenz", "miriam.graham")
 
 
 def user_id(name: str) -> str:
@@ -129,6 +140,26 @@ def seed(graph: GraphSimulator) -> dict[str, str]:
     tenant.add_chat(CHAT)
     installations["chat"] = tenant.install("chat", CHAT, HELPDESK)
     return installations
+
+
+@contextlib.contextmanager
+def _storage(console: Console) -> Iterator[str | None]:
+    """Azurite's connection string when it is installed (it is then running), else ``None``."""
+    from standins import azurite
+
+    if not azurite.EXECUTABLE.exists():
+        yield None
+        return
+    try:
+        store = azurite.Azurite().start()
+    except (RuntimeError, OSError) as error:
+        console.print(f"Azurite is installed but did not start ({error}); going on without storage.", markup=False)
+        yield None
+        return
+    try:
+        yield store.connection_string
+    finally:
+        store.stop()
 
 
 def cases(installations: dict[str, str]) -> list[Case]:
@@ -235,8 +266,10 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
         identity,
         GraphSimulator(token_validator=identity.is_valid) as graph,
         ServiceBusBroker(duplicate_detection=(UPGRADE_QUEUE, DEADLETTER_QUEUE)) as broker,
+        _storage(console) as storage,
     ):
         installations = seed(graph)
+        rollout_tenant = demo_rollout.seed(graph, [(user_id(name), upn(name)) for name in _FINANCE])
         environment = {
             **identity.environment(),
             "ServiceBusConnection": broker.connection_string,
@@ -244,6 +277,7 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             "AZURE_CLIENT_ID": CLIENT_ID,
             "UPGRADE_QUEUE_NAME": UPGRADE_QUEUE,
             "DEADLETTER_QUEUE_NAME": DEADLETTER_QUEUE,
+            **({"AzureWebJobsStorage": storage} if storage else {}),
             **DEMO_SETTINGS,
         }
         settings = Settings.from_environment(environment)
@@ -252,6 +286,7 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
             f"{identity.url}, Service Bus broker port {broker.port} (queues {UPGRADE_QUEUE} and {DEADLETTER_QUEUE}).",
             markup=False,
         )
+        console.print(demo_rollout.storage_line(settings, storage), markup=False)
         console.print(
             "Tenant: the app Contoso Helpdesk 2.2.0 is installed for 10 users, a team and a chat; 2.3.0 is in the "
             "catalog. Contoso Compliance is a permanent app, which Graph refuses to upgrade.",
@@ -266,15 +301,20 @@ async def run_command(args: argparse.Namespace, console: Console) -> int:
         with _environment(identity.environment()):
             processed = await _run(console, settings, graph, demo_cases, args.concurrency)
             letters = await _dead_letters(settings)
-        upgrades = graph.upgraded
-        stats = graph.stats()
-    _print_outcomes(console, demo_cases, processed)
-    _print_dead_letters(console, letters)
-    console.print(
-        f"\nGraph simulator: {stats['requests']} requests, {len(upgrades)} installations upgraded "
-        f"(2.2.0 → 2.3.0), {stats['throttled']} answered 429, {stats['faults']} scripted faults.",
-        markup=False,
-    )
+            helpdesk_upgrades = sum(1 for call in graph.upgraded if call.teams_app_id == HELPDESK)
+            stats = graph.stats()
+            _print_outcomes(console, demo_cases, processed)
+            _print_dead_letters(console, letters)
+            console.print(
+                f"\nGraph simulator: {stats['requests']} requests, {helpdesk_upgrades} installations upgraded "
+                f"(2.2.0 → 2.3.0), {stats['throttled']} answered 429, {stats['faults']} scripted faults.",
+                markup=False,
+            )
+            if storage is not None:
+                demo_rollout.print_budget(console, settings, processed)
+            rollout = await demo_rollout.run(console, settings, rollout_tenant)
+            demo_rollout.print_run(console, rollout_tenant, rollout)
+            await demo_rollout.print_status(console, settings)
     _print_legend(console)
     console.print(f"\nDemo finished in {time.monotonic() - started:.1f} s.")
     return 0
@@ -450,14 +490,17 @@ def _print_legend(console: Console) -> None:
         "\nHow to read this:\n"
         "  upgraded         Graph answered 2xx; the message was completed. Short waits (a 5xx, a 429 with a short\n"
         "                   Retry-After) are retried inside the same delivery: more attempts, same row.\n"
-        "  retry scheduled  Graph asked for a longer wait: a copy was scheduled on the upgrade queue for then,\n"
-        "                   and the original completed. The worker picked the copy up when it came due.\n"
+        "  retry scheduled  Graph asked for a longer wait, or the catalog does not publish the request's version\n"
+        "                   yet (CatalogNotUpdated): a copy was scheduled on the upgrade queue for then, and the\n"
+        "                   original completed. The worker picked the copy up when it came due.\n"
+        "  current          the installation already runs the request's version: no upgrade call.\n"
         "  skipped          the app is not installed there and the request said ifNotInstalled: skip.\n"
         "  fanned out       a request for many users became one request per user on the queue.\n"
         "  dead-lettered    sent to the dead-letter queue with the reason and Graph's error, then completed:\n"
         "                   InvalidMessage (the body breaks the contract; Graph is not called),\n"
         "                   InstallationNotFound (the lookup found nothing), GraphRequestRejected (a permanent\n"
         "                   Graph error), RetriesExhausted (UPGRADE_MAX_ATTEMPTS spent on transient errors).\n"
-        "In Azure: python -m upgrade_handler deadletters list | show ID | replay --reason ... (see --help).",
+        "In Azure: python -m upgrade_handler deadletters list | show ID | replay --reason ... (see --help);\n"
+        "          python -m upgrade_handler rollout status ROLLOUT_ID --wait, to wait on a rollout from a pipeline.",
         markup=False,
     )
