@@ -28,6 +28,8 @@ from standins.storage_proxy import StorageProxy
 from tests.support import USER, FakeClock
 from upgrade_handler.budget import (
     BLIND_SHARE,
+    MAX_SEARCH,
+    MIN_LANE,
     BudgetWaitExceeded,
     Lane,
     LocalSchedule,
@@ -167,6 +169,14 @@ def test_a_lane_spreads_its_slots_instead_of_bunching_them() -> None:
     slots = [k for k in range(20_000) if lane.owns(k)]
     gaps = {b - a for a, b in itertools.pairwise(slots)}
     assert max(gaps) <= 3 * 40, gaps  # the three-gap theorem: a few gap lengths around 1 / width
+
+
+def test_a_sliver_left_by_moving_lanes_is_no_lane_and_no_search_runs_away() -> None:
+    old, new = Lane(0.3, 0.325), Lane(0.325 - 1e-12, 0.35)
+    assert old.intersect(new) is None
+    assert lay_out({"a": 1e-9, "b": 30}, 30).keys() == {"b"}
+    narrow = Lane(0.5, 0.5 + MIN_LANE / 2)  # not made by the budget, but searched in bounded steps
+    assert narrow.next_slot(0) <= MAX_SEARCH
 
 
 async def test_the_local_schedule_spaces_reservations_at_the_rate() -> None:

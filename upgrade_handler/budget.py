@@ -96,6 +96,10 @@ FORGET_SECONDS = 600.0
 SCHEDULE_TRIES = 8
 #: 2**64 / golden ratio: ``frac(k * phi)`` in 64-bit fixed point, exact for any slot number.
 _PHI64 = 0x9E3779B97F4A7C15
+#: Lanes narrower than this (a thousandth of the rate) are no lane: slivers that intersecting moving lanes leave.
+MIN_LANE = 0.001
+#: The most grid slots one search for the next owned slot looks at (a lane of MIN_LANE needs ~1,000).
+MAX_SEARCH = 20_000
 _ROW = "instance-"
 _SCHEDULE_ROW = "schedule"
 
@@ -151,13 +155,18 @@ class Lane:
         if other is None:
             return None
         low, high = max(self.low, other.low), min(self.high, other.high)
-        return Lane(low, high) if high > low else None
+        return Lane(low, high) if high - low >= MIN_LANE else None
 
     def next_slot(self, slot: int) -> int:
-        """The first slot from ``slot`` on in this lane (about ``1 / width`` tries)."""
-        while not self.owns(slot):
-            slot += 1
-        return slot
+        """The first slot from ``slot`` on in this lane (about ``1 / width`` tries, at most :data:`MAX_SEARCH`).
+
+        When none is found within the search, the slot after it: the caller waits that long and looks
+        again (a lane that narrow is a sliver left by lanes moving, and moves itself soon).
+        """
+        for candidate in range(slot, slot + MAX_SEARCH):
+            if self.owns(candidate):
+                return candidate
+        return slot + MAX_SEARCH
 
 
 def lay_out(shares: Mapping[str, float], rate: float) -> dict[str, Lane]:
@@ -165,7 +174,7 @@ def lay_out(shares: Mapping[str, float], rate: float) -> dict[str, Lane]:
     lanes, low = {}, 0.0
     for key in sorted(shares):
         high = min(1.0, low + shares[key] / rate)
-        if high > low:
+        if high - low >= MIN_LANE:
             lanes[key] = Lane(low, high)
         low = high
     return lanes
@@ -545,9 +554,10 @@ class SharedBudget:
             began = self._clock()
             try:
                 snapshot = await self.store.heartbeat(self.instance_id, demand, self._clock)
-            except StoreUnavailable as error:
+            except Exception as error:  # whatever the SDK raised, the store failed this beat
+                failure = error if isinstance(error, StoreUnavailable) else StoreUnavailable("heartbeat", repr(error))
                 self.failed_beats += 1
-                self._store_failed(error)
+                self._store_failed(failure)
                 self._idle_written = False
             else:
                 self.beats += 1
@@ -555,7 +565,9 @@ class SharedBudget:
                 self._take(snapshot)
                 self._idle_written = demand == 0
             spent = self._clock() - began
-            await self._sleep(max(0.0, self._heartbeat * jitter.uniform(0.9, 1.1) - spent))
+            # Joining (callers wait, no lane yet): beat thrice per settle so the lane is usable on time.
+            interval = self._settle / 3 if self._lane is None and self._queue else self._heartbeat
+            await self._sleep(max(0.0, min(self._heartbeat, interval) * jitter.uniform(0.9, 1.1) - spent))
 
     def _take(self, snapshot: Snapshot) -> None:
         self._learn_offset(snapshot)
@@ -670,6 +682,7 @@ def shared_budget(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     timeout: float = OPERATION_TIMEOUT,
+    headroom: float = HEADROOM,
     **tuning: Any,
 ) -> SharedBudget | None:
     """The budget of ``settings`` (``None`` without a storage account: each process paces alone).
@@ -681,4 +694,4 @@ def shared_budget(
         return None
     table = open_table(settings.storage, settings.budget_table, timeout=timeout)
     store = TableBudgetStore(table, budget_key(settings.graph_base_url, settings.managed_identity_client_id))
-    return SharedBudget(store, settings.max_requests_per_second * HEADROOM, clock=clock, sleep=sleep, **tuning)
+    return SharedBudget(store, settings.max_requests_per_second * headroom, clock=clock, sleep=sleep, **tuning)
