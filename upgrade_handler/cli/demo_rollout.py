@@ -178,12 +178,19 @@ async def run(console: Console, settings: Settings, tenant: RolloutTenant) -> Ro
     sender = RetriesDueNow(bus)
     handler = UpgradeHandler(settings, sender=sender, clock=clock)
     processed: list[Processed] = []
+    published = False
 
     def on_processed(item: Processed) -> None:
+        nonlocal published
         processed.append(item)
-        if catalog_deferral(item) and clock.skipped == 0:
+        if not catalog_deferral(item):
+            return
+        # Every deferral moves the clock past the catalog cache, so a retry copy (due at once) can
+        # never meet the same cached answer again.
+        clock.skip(SKIP_SECONDS)
+        if not published:
+            published = True
             tenant.publish()
-            clock.skip(SKIP_SECONDS)
             ahead = f" (scheduled {sender.fast_forwarded[-1]:.1f} s ahead)" if sender.fast_forwarded else ""
             console.print(
                 f"  {_whom(tenant, item)} was deferred (CatalogNotUpdated: the catalog publishes {PREVIOUS}, not yet "
