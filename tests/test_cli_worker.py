@@ -61,6 +61,18 @@ async def test_a_message_is_handled_and_completed_when_the_handler_returns(run_c
     assert broker.messages(UPGRADE_QUEUE) == [] and broker.messages(DEADLETTER_QUEUE) == []
 
 
+async def test_a_request_already_at_its_version_is_reported_as_current(run_cli, cli_bus, graph, broker):
+    user, _, installation = new_user(graph.tenant, version="1.1.0")
+    [message_id] = await send_json(cli_bus, {"userId": user, "appInstallationId": installation, "version": "1.1.0"})
+
+    result = await run_cli("worker", "--until-idle", "0.3")
+
+    assert result.code == 0, result.text
+    assert f"current          {message_id}  delivery 1  attempt 1" in result.out
+    assert "1 received, 1 completed, 0 abandoned (1 current)" in result.out
+    assert broker.messages(UPGRADE_QUEUE) == [] and broker.messages(DEADLETTER_QUEUE) == []
+
+
 async def test_a_message_is_abandoned_when_the_handler_raises_and_handled_on_redelivery(run_cli, cli_bus, broker):
     # The dead-letter send fails once: the handler raises, as the contract says, and nothing is lost.
     [message_id] = await send_json(cli_bus, b"not json")

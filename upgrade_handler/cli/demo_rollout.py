@@ -234,7 +234,7 @@ def _whom(tenant: RolloutTenant, item: Processed) -> str:
 def word(outcome: Outcome | None) -> str:
     if outcome is None:
         return "abandoned"
-    return OUTCOME_WORDS.get(outcome, outcome.value)
+    return OUTCOME_WORDS[outcome]
 
 
 def steps(item: Processed) -> list[str]:
@@ -242,12 +242,7 @@ def steps(item: Processed) -> list[str]:
     told: list[str] = []
     for event in item.events:
         attempt = event.get("attempt", event.get("attempts"))
-        if event.name == "upgrade.already_current":
-            told.append(
-                f"attempt {attempt}: runs {event.get('installed_version')}, at least "
-                f"{event.get('requested_version')}: already current, no upgrade call"
-            )
-        elif event.name == "upgrade.retry_scheduled" and event.get("graph_error_code") == "CatalogNotUpdated":
+        if event.name == "upgrade.retry_scheduled" and event.get("graph_error_code") == "CatalogNotUpdated":
             when = str(event.get("retry_at", "")).rpartition("T")[2]
             told.append(
                 f"attempt {attempt}: the catalog publishes {PREVIOUS}, not yet {VERSION}: no upgrade call, "

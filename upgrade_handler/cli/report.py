@@ -11,6 +11,7 @@ from .events import Event
 #: How an outcome is called in the command line's output.
 OUTCOME_WORDS = {
     Outcome.UPGRADED: "upgraded",
+    Outcome.CURRENT: "current",
     Outcome.SKIPPED: "skipped",
     Outcome.RETRY_SCHEDULED: "retry scheduled",
     Outcome.DEAD_LETTERED: "dead-lettered",
@@ -57,6 +58,11 @@ def summarise(outcome: Outcome | None, events: Sequence[Event], error: BaseExcep
         elif event.name == "upgrade.retry_scheduled":
             when = str(event.get("retry_at", "")).rpartition("T")[2]
             steps.append(f"attempt {attempt}: Graph {answer}, retry copy scheduled for {when}")
+        elif event.name == "upgrade.already_current":
+            steps.append(
+                f"attempt {attempt}: runs {event.get('installed_version')}, at least "
+                f"{event.get('requested_version')}: already current, no upgrade call"
+            )
         elif event.name == "upgrade.skipped":
             steps.append(f"attempt {attempt}: not installed, ifNotInstalled is skip")
         elif event.name == "upgrade.fanned_out":
