@@ -384,6 +384,7 @@ async def _soak(
             broker.fail_sends(queue, count=0)
             broker.fail_sends(deadletter_queue, count=0)
             await handler.aclose()
+            await sender.aclose()  # the handler closes only what it opened
     elapsed = time.monotonic() - started
     left = broker.messages(queue)
     return reconcile(
