@@ -161,6 +161,16 @@ async def sample_limiter(limiter: AdaptiveRateLimiter, trace: list[tuple[float, 
         await asyncio.sleep(1.0)
 
 
+async def sample_queue(broker: ServiceBusBroker, trace: list[tuple[float, int, int]], started: float) -> None:
+    """Every second: the upgrade queue's active messages (due: available or locked, what scaling
+    reads) and those scheduled for later (a paced fan-out's children waiting for their slot)."""
+    for _ in range(100_000):  # bounded; cancelled when the run ends
+        counts = broker.state_counts(UPGRADE_QUEUE)
+        active = counts.get("available", 0) + counts.get("locked", 0)
+        trace.append((round(time.monotonic() - started, 1), active, counts.get("scheduled", 0)))
+        await asyncio.sleep(1.0)
+
+
 async def fanout(
     identity: IdentityEndpoint, graph: GraphSimulator, broker: ServiceBusBroker, config: FanOutConfig
 ) -> dict[str, Any]:
@@ -208,6 +218,8 @@ async def fanout(
     started = time.monotonic()
     deadline = started + deadline_s
     sampler = asyncio.create_task(sample_limiter(limiter, trace, started))
+    queue_trace: list[tuple[float, int, int]] = []
+    queue_sampler = asyncio.create_task(sample_queue(broker, queue_trace, started))
     try:
         async with ServiceBusClient.from_connection_string(broker.connection_string) as bus:
             async with bus.get_queue_sender(UPGRADE_QUEUE) as producer:
@@ -235,6 +247,7 @@ async def fanout(
     finally:
         elapsed = time.monotonic() - started
         sampler.cancel()
+        queue_sampler.cancel()
         graph.set_rate_limit(None)
         graph.set_latency(0.0)
         if config.page_size is not None:
@@ -320,6 +333,10 @@ async def fanout(
         "limiter_rate_final": round(limiter.rate, 2),
         "limiter_rate_mean": round(sum(r for _, r in trace) / len(trace), 2) if trace else None,
         "limiter_trace": trace[:: max(1, len(trace) // 40)],
+        "queue_active_max": max((active for _, active, _ in queue_trace), default=0),
+        "queue_active_mean": round(sum(a for _, a, _ in queue_trace) / len(queue_trace), 1) if queue_trace else None,
+        "queue_scheduled_max": max((scheduled for _, _, scheduled in queue_trace), default=0),
+        "queue_trace": queue_trace[:: max(1, len(queue_trace) // 40)],
     }
 
 
@@ -376,6 +393,10 @@ def print_report(r: dict[str, Any]) -> None:
                     f"{r['limiter_rate_mean']} / {r['limiter_rate_final']}, {r['limiter_decreases']}",
                 ],
                 ["unhandled errors / settle errors", f"{r['unhandled_errors']} / {sum(r['settle_errors'].values())}"],
+                [
+                    "upgrade queue: active (due) messages max / mean, scheduled max",
+                    f"{r['queue_active_max']:,} / {r['queue_active_mean']}, {r['queue_scheduled_max']:,}",
+                ],
                 ["left on queue / timed out", f"{r['left_on_queue']} / {r['timed_out']}"],
             ],
         )

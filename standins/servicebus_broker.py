@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Self
 
@@ -156,6 +157,13 @@ class ServiceBusBroker:
         """
         with self._mutex:
             return self._store.snapshot(queue)
+
+    def state_counts(self, queue: str) -> dict[str, int]:
+        """How many messages of ``queue`` are in each state (``available``, ``locked``, ``scheduled``,
+        ``deferred``), without copying them: Service Bus's active count is available plus locked."""
+        with self._mutex:
+            found = self._store.queues.get(queue)
+            return dict(Counter(entry.state for entry in found.entries.values())) if found is not None else {}
 
     def purge(self, queue: str | None = None) -> None:
         """Drop every message of ``queue`` and its dead-letter queue, or of all queues.
