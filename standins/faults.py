@@ -24,8 +24,11 @@ from typing import Any, Self
 _CHUNK = 65536
 
 
-class _LoopThread:
-    """An event loop in a daemon thread, serving one ``asyncio.Server`` on a free loopback port."""
+class LoopThread:
+    """An event loop in a daemon thread, serving one ``asyncio.Server`` on a free loopback port.
+
+    A subclass answers each connection in :meth:`_serve`; every open connection is a tracked task,
+    cancelled by :meth:`stop`."""
 
     def __init__(self, name: str) -> None:
         self._loop = asyncio.new_event_loop()
@@ -89,7 +92,7 @@ class _LoopThread:
         raise NotImplementedError
 
 
-class FaultProxy(_LoopThread):
+class FaultProxy(LoopThread):
     """A loopback TCP proxy to ``127.0.0.1:target_port`` that can freeze or trickle on command.
 
     ``connections`` counts the connections accepted so far (a client that reconnects opens one),
@@ -171,7 +174,7 @@ class FaultProxy(_LoopThread):
             sink.close()
 
 
-class CannedServer(_LoopThread):
+class CannedServer(LoopThread):
     """Answers every request with ``answer`` and closes; with ``None``, reads and never answers.
 
     ``requests`` counts the requests whose head it read.

@@ -20,29 +20,23 @@ connections included):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
-from concurrent.futures import Future
-from typing import Any, Self
+
+from .faults import LoopThread
 
 _REASONS = {500: "Internal Server Error", 503: "Server Busy"}
 _CODES = {500: "InternalError", 503: "ServerBusy"}
 
 
-class StorageProxy:
+class StorageProxy(LoopThread):
     """Forwards HTTP/1.1 requests to ``upstream_port`` on 127.0.0.1 unless told to fail."""
 
     def __init__(self, upstream_port: int) -> None:
+        super().__init__("storage-proxy")
         self.upstream_port = upstream_port
-        self.port = 0
         self.requests = 0
         self.faults = 0
         self._mode: tuple[str, float] = ("forward", 0.0)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="storage-proxy")
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
     def connection_string(self) -> str:
@@ -78,53 +72,17 @@ class StorageProxy:
         elif self._server is None:
             self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port, reuse_address=True)
 
-    # --- life ----------------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._thread.start()
-        self._server = self._run(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        self._run(self._switch("refuse", 0.0))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self, coro: Any) -> Any:
-        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(10)
+    async def _shutdown(self) -> None:
+        await self._switch("refuse", 0.0)
+        await super()._shutdown()
 
     # --- serving -------------------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                request = await _read_request(reader)
-                if request is None:
-                    break
-                self.requests += 1
-                if not await self._handle(request, writer):
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (request := await _read_request(reader)) is not None:
+            self.requests += 1
+            if not await self._handle(request, writer):
+                break
 
     async def _handle(self, request: bytes, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; ``False`` when the client connection is done."""
