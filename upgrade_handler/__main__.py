@@ -91,8 +91,9 @@ Shows every outcome of the product in one run. Starts a local Microsoft Graph si
 identity endpoint and Service Bus broker on 127.0.0.1, puts sample requests on the upgrade queue
 (release pipeline requests, an Event Grid and a CloudEvents app-catalog event, a fan-out,
 throttled, failing and invalid ones), runs the worker until the queue is idle, and prints what
-happened to each request, then the dead-letter queue. Needs no Azure and no network; takes about
-15 seconds.""",
+happened to each request, then the dead-letter queue; then a version rollout to a group, with its
+ledger when Azurite is installed (make setup). Needs no Azure and no network; takes about 25
+seconds.""",
     )
     demo.add_argument("--concurrency", type=positive_int, default=1, help=argparse.SUPPRESS)
 
