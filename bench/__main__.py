@@ -7,6 +7,7 @@
     python -m bench soak --size 5000
     python -m bench fuzz --size 10000
     python -m bench fanout --size 20000 --seed 1
+    python -m bench budget --counts 1,4,10,40 --sizes 1000,1000,2000,2400   # needs `make setup` (Azurite)
 
 Figures go to the terminal and to bench/results/<name>.json. The comparisons need msgraph-sdk
 (``.venv/bin/pip install -r bench/requirements.txt``); without it, pass --skip-sdk to
@@ -20,7 +21,7 @@ import sys
 import time
 
 #: Footprint before cold start: cold start runs each function in the environment footprint built.
-ORDER = ("throughput", "footprint", "coldstart", "soak", "fuzz", "fanout")
+ORDER = ("throughput", "footprint", "coldstart", "soak", "fuzz", "fanout", "budget")
 
 
 def main(argv: list[str]) -> None:
