@@ -84,7 +84,7 @@ async def drive(env: dict[str, str], users: Users, events: _Events) -> dict[str,
     from upgrade_handler.budget import shared_budget
     from upgrade_handler.graph import LIMITS, TIMEOUT, GraphClient
     from upgrade_handler.handler import UpgradeHandler
-    from upgrade_handler.ratelimit import AdaptiveRateLimiter
+    from upgrade_handler.ratelimit import HEADROOM, AdaptiveRateLimiter
     from upgrade_handler.settings import Settings
 
     statuses: Counter[str] = Counter()
@@ -94,8 +94,8 @@ async def drive(env: dict[str, str], users: Users, events: _Events) -> dict[str,
 
     settings = Settings.from_environment(env)
     limiter_scale = float(os.environ.get("BENCH_LIMITER_SCALE", "1"))
-    headroom = os.environ.get("BENCH_BUDGET_HEADROOM")  # to measure other paces than the default
-    budget = shared_budget(settings, **({"headroom": float(headroom)} if headroom else {}))
+    headroom = float(os.environ.get("BENCH_BUDGET_HEADROOM") or HEADROOM)  # to measure other paces
+    budget = shared_budget(settings, headroom=headroom)
     assert budget is not None, "the benchmark sets AzureWebJobsStorage"
     http = httpx.AsyncClient(
         timeout=TIMEOUT, limits=LIMITS, follow_redirects=False, trust_env=False, event_hooks={"response": [count]}
@@ -161,7 +161,7 @@ def child_main() -> None:
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return
-    report = asyncio.run(drive(plan["env"], users, events))  # type: ignore[arg-type]
+    report = asyncio.run(drive(plan["env"], users, events))
     print(json.dumps(report), flush=True)
 
 
