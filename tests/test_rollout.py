@@ -193,3 +193,40 @@ async def test_a_child_recorded_before_its_page_keeps_the_rollout_open(with_ledg
     status = await status_of(handler, "r-early")
     assert status.counts["upgraded"] == 1
     assert not status.complete and not status.settled
+
+
+async def test_a_call_the_shared_budget_holds_back_is_a_deferral_not_a_failure(
+    environment, sender, clock, graph, broker, azurite
+):
+    """§7: with the storage account set the handler waits for its turn in the fleet's budget; an
+    invocation out of UPGRADE_MAX_BUDGET_WAIT_SECONDS schedules a retry counted as a deferral."""
+    from dataclasses import replace
+
+    from tests.conftest import fast_credential
+    from upgrade_handler.auth import TokenProvider
+    from upgrade_handler.handler import UpgradeHandler
+    from upgrade_handler.settings import Settings
+
+    settings = replace(
+        Settings.from_environment(),
+        storage=StorageConnection(connection_string=azurite.connection_string),
+        budget_table="budget" + uuid.uuid4().hex[:12],
+        max_budget_wait_seconds=0.0,  # a newcomer's first slot is about a second away
+    )
+    handler = UpgradeHandler(
+        settings, sender=sender, clock=clock, tokens=TokenProvider(settings.graph_scope, fast_credential)
+    )
+    user, _, installation = new_user(graph.tenant)
+    try:
+        await handler.handle_function_message(
+            function_message({"userId": user, "appInstallationId": installation}, message_id="m-held")
+        )
+    finally:
+        await handler.aclose()
+
+    assert [r for r in graph.requests if r.method == "POST"] == []
+    [retry] = broker.messages(UPGRADE_QUEUE)
+    p = retry.application_properties
+    assert (p["LastErrorCode"], p["UpgradeAttempts"], p["DeferredAttempts"]) == ("TooManyRequests", 1, 1)
+    assert "LastErrorStatus" not in p
+    assert broker.messages(DEADLETTER_QUEUE) == []

@@ -46,7 +46,9 @@ class Catalog:
         #: Catalog reads sent to Graph (the cache's effect is visible in tests and logs).
         self.reads = 0
 
-    async def latest_published(self, app: AppRef, token: str, *, max_gate_wait: float) -> Version | None:
+    async def latest_published(
+        self, app: AppRef, token: str, *, max_gate_wait: float, max_budget_wait: float | None = None
+    ) -> Version | None:
         """The highest version of ``app`` whose definition is ``published``; ``None`` when the catalog
         does not list the app (yet). Concurrent callers for one app share one read."""
         key = (app.kind, app.value.lower())
@@ -59,7 +61,7 @@ class Catalog:
         future: asyncio.Future[Version | None] = asyncio.get_running_loop().create_future()
         self._reads[key] = future
         try:
-            latest = await self._read(app, token, max_gate_wait)
+            latest = await self._read(app, token, max_gate_wait, max_budget_wait)
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # retrieved here, so a read nobody else awaited is not reported as lost
@@ -71,13 +73,21 @@ class Catalog:
         return latest
 
     async def installed(
-        self, target: Target, installation_id: str, token: str, *, max_gate_wait: float
+        self,
+        target: Target,
+        installation_id: str,
+        token: str,
+        *,
+        max_gate_wait: float,
+        max_budget_wait: float | None = None,
     ) -> InstalledApp:
         """``GET .../installedApps/{id}?$expand=teamsAppDefinition``: the version an installation runs."""
         url = (
             f"{self._graph.base_url}{installed_apps_path(target)}/{segment(installation_id)}?$expand=teamsAppDefinition"
         )
-        document, call = await self._graph.get_page(url, token, max_gate_wait=max_gate_wait)
+        document, call = await self._graph.get_page(
+            url, token, max_gate_wait=max_gate_wait, max_budget_wait=max_budget_wait
+        )
         try:
             version = installed_version(document)
             teams_app_id = document["teamsAppDefinition"].get("teamsAppId")
@@ -87,7 +97,9 @@ class Catalog:
             raise _unreadable(call, document, f"installation answer unreadable: {error}") from None
         return InstalledApp(version, teams_app_id)
 
-    async def _read(self, app: AppRef, token: str, max_gate_wait: float) -> Version | None:
+    async def _read(
+        self, app: AppRef, token: str, max_gate_wait: float, max_budget_wait: float | None
+    ) -> Version | None:
         self.reads += 1
         field = "id" if app.kind is AppKind.TEAMS_APP_ID else "externalId"
         url = (
@@ -95,7 +107,9 @@ class Catalog:
             + quote(f"{field} eq '{odata_literal(app.value)}'", safe="'")
             + "&$expand=appDefinitions"
         )
-        document, call = await self._graph.get_page(url, token, max_gate_wait=max_gate_wait)
+        document, call = await self._graph.get_page(
+            url, token, max_gate_wait=max_gate_wait, max_budget_wait=max_budget_wait
+        )
         try:
             return _latest_published(document)
         except (TypeError, ValueError) as error:

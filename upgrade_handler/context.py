@@ -69,6 +69,8 @@ class DeliveryContext:
     waited: float = 0.0
     """Seconds this invocation has waited inline between attempts."""
     last_failure: GraphFailure | None = None
+    budget_deadline: float = float("inf")
+    """When (on the clock's monotonic seconds) this invocation stops waiting for the shared budget."""
     rollout_id: str | None = None
     """The rollout the request belongs to (§8), once the request is read."""
     target: Target | None = None
@@ -97,6 +99,7 @@ class DeliveryContext:
             attempts=history.attempts,
             deferred=history.deferred_attempts,
             first_attempt_utc=history.first_attempt_utc,
+            budget_deadline=settler.clock.monotonic() + settler.settings.max_budget_wait_seconds,
         )
 
     @property
@@ -143,6 +146,12 @@ class DeliveryContext:
         self.last_failure = failure
         if is_deferral(failure):
             self.deferred += 1
+
+    def budget_wait_left(self) -> float:
+        """How much longer a Graph call may wait for its turn in the shared budget: every call of the
+        invocation draws on one ``UPGRADE_MAX_BUDGET_WAIT_SECONDS``, so a lookup and an upgrade
+        together stay within the function's timeout."""
+        return max(0.0, self.budget_deadline - self.settler.clock.monotonic())
 
     def inline_budget(self) -> float:
         return self.settler.policy.inline_budget(self.waited)

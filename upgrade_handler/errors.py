@@ -11,7 +11,8 @@ The class decides what happens to the message; nothing retries on a bare ``Excep
         └── TransientGraphError        429, 408, 423, 5xx, backend-flake 400 → retry, then RetriesExhausted
             ├── GraphTimeout           no answer in time (never repeated inline)
             ├── GraphConnectionError   the connection failed or was reset
-            └── TokenUnavailable       the identity endpoint gave no token
+            ├── TokenUnavailable       the identity endpoint gave no token
+            └── HeldBack               the tenant's shared budget had no turn in time (never repeated inline)
 
 A message that cannot be settled (the dead-letter or retry send failed) is not an
 ``UpgradeError``: the Service Bus exception propagates so the host abandons the message.
@@ -102,6 +103,12 @@ class GraphConnectionError(TransientGraphError):
 
 class TokenUnavailable(TransientGraphError):
     """The managed identity endpoint did not issue a token."""
+
+
+class HeldBack(TransientGraphError):
+    """The call was not sent: the tenant's shared budget (§7) had no turn for it within what is left of
+    the invocation's ``UPGRADE_MAX_BUDGET_WAIT_SECONDS``; ``retry_after`` is the expected wait. A
+    deferral, scheduled as a retry at once (the invocation has waited all it may)."""
 
 
 def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> GraphError:

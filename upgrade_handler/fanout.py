@@ -63,7 +63,9 @@ class FanOut:
         url = request.next_link or self._first_page_url(request.group_id)
         if not self._graph.owns(url):
             raise InvalidMessageError(f"{NEXT_LINK_FIELD} does not point at the configured Graph API")
-        page, call = await self._graph.get_page(url, token, max_gate_wait=gate_wait)
+        page, call = await self._graph.get_page(
+            url, token, max_gate_wait=gate_wait, max_budget_wait=context.budget_wait_left()
+        )
         users = self._member_ids(page)
         next_link = page.get("@odata.nextLink")
         if next_link is not None and not (isinstance(next_link, str) and self._graph.owns(next_link)):

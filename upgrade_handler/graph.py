@@ -30,6 +30,7 @@ from .errors import (
     GraphError,
     GraphFailure,
     GraphTimeout,
+    HeldBack,
     PermanentGraphError,
     TransientGraphError,
     classify_response,
@@ -149,13 +150,16 @@ class GraphClient:
         token: str,
         *,
         max_gate_wait: float = float("inf"),
+        max_budget_wait: float | None = None,
         with_version: bool = False,
     ) -> Installation | None:
         """The installation of ``app`` for ``target``, or ``None`` when it is not installed.
 
         ``with_version`` also reads the installed version, in the same call."""
         url = f"{self._base_url}{installed_apps_path(target)}?{lookup_query(app, with_definition=with_version)}"
-        response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
+        response, call = await self._send(
+            "GET", url, token, max_gate_wait=max_gate_wait, max_budget_wait=max_budget_wait
+        )
         try:
             document = json.loads(response.content)
             values = document["value"]
@@ -181,19 +185,29 @@ class GraphClient:
         token: str,
         *,
         max_gate_wait: float = float("inf"),
+        max_budget_wait: float | None = None,
     ) -> GraphCall:
         url = f"{self._base_url}{upgrade_path(target, installation_id)}"
         body = None if permissions is None else {"consentedPermissionSet": permissions}
-        _, call = await self._send("POST", url, token, body, max_gate_wait=max_gate_wait)
+        _, call = await self._send(
+            "POST", url, token, body, max_gate_wait=max_gate_wait, max_budget_wait=max_budget_wait
+        )
         return call
 
     async def get_page(
-        self, url: str, token: str, *, max_gate_wait: float = float("inf")
+        self,
+        url: str,
+        token: str,
+        *,
+        max_gate_wait: float = float("inf"),
+        max_budget_wait: float | None = None,
     ) -> tuple[dict[str, Any], GraphCall]:
         """GET a URL that the caller built from this client's base URL (paging), as JSON."""
         if not self.owns(url):
             raise ValueError("refusing a URL outside the configured Graph API")
-        response, call = await self._send("GET", url, token, max_gate_wait=max_gate_wait)
+        response, call = await self._send(
+            "GET", url, token, max_gate_wait=max_gate_wait, max_budget_wait=max_budget_wait
+        )
         try:
             document = json.loads(response.content)
             if not isinstance(document, dict):
@@ -233,6 +247,7 @@ class GraphClient:
         body: Mapping[str, Any] | None = None,
         *,
         max_gate_wait: float,
+        max_budget_wait: float | None = None,
     ) -> tuple[httpx.Response, GraphCall]:
         client_request_id = str(uuid.uuid4())
         headers = {
@@ -249,9 +264,9 @@ class GraphClient:
         waited = 0.0
         if self.budget is not None:  # the fleet's pace first (§7), then this process's gate and rate
             try:
-                waited = await self.budget.acquire(self._budget_wait)
+                waited = await self.budget.acquire(self._budget_wait if max_budget_wait is None else max_budget_wait)
             except BudgetWaitExceeded as held:
-                raise TransientGraphError(
+                raise HeldBack(
                     GraphFailure(
                         status=None,
                         code="TooManyRequests",

@@ -75,7 +75,8 @@ class UpgradeHandler:
             limiter=AdaptiveRateLimiter(
                 settings.max_requests_per_second, clock=self.clock.monotonic, sleep=self.clock.sleep
             ),
-            budget=shared_budget(settings, clock=self.clock.monotonic, sleep=self.clock.sleep),
+            # The fleet's timeline is real time, whatever clock this handler's waits are measured on.
+            budget=shared_budget(settings),
             budget_wait=settings.max_budget_wait_seconds,
         )
         self.tokens = tokens or TokenProvider(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .errors import GraphConnectionError, GraphFailure, GraphTimeout, TransientGraphError
+from .errors import GraphConnectionError, GraphFailure, GraphTimeout, HeldBack, TransientGraphError
 
 #: Attempts one invocation makes before handing the request to a scheduled retry.
 INLINE_ATTEMPTS = 3
@@ -56,7 +56,7 @@ class RetryPolicy:
 
     def inline_wait(self, error: TransientGraphError, *, inline_attempts: int, waited: float) -> float | None:
         """Seconds to wait before repeating within this invocation, or ``None`` to schedule a retry."""
-        if isinstance(error, GraphTimeout) or inline_attempts >= INLINE_ATTEMPTS:
+        if isinstance(error, GraphTimeout | HeldBack) or inline_attempts >= INLINE_ATTEMPTS:
             return None
         failure = error.failure
         budget = self.inline_budget(waited)

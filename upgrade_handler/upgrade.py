@@ -41,7 +41,9 @@ class SingleUpgrade:
                     installed_version=installed,
                     requested_version=str(request.version),
                 )
-            published = await self._catalog.latest_published(catalog_app, token, max_gate_wait=gate_wait)
+            published = await self._catalog.latest_published(
+                catalog_app, token, max_gate_wait=gate_wait, max_budget_wait=context.budget_wait_left()
+            )
             if published is None or published < request.version:
                 raise TransientGraphError(
                     GraphFailure(
@@ -53,7 +55,12 @@ class SingleUpgrade:
                 )
             version_after = str(published)
         call = await graph.upgrade(
-            request.target, installation_id, request.consented_permission_set, token, max_gate_wait=gate_wait
+            request.target,
+            installation_id,
+            request.consented_permission_set,
+            token,
+            max_gate_wait=gate_wait,
+            max_budget_wait=context.budget_wait_left(),
         )
         return await context.complete(
             Outcome.UPGRADED,
@@ -75,10 +82,21 @@ class SingleUpgrade:
         if request.app.kind is AppKind.INSTALLATION:
             if not wants_version:
                 return request.app.value, None, request.app
-            installed = await self._catalog.installed(request.target, request.app.value, token, max_gate_wait=gate_wait)
+            installed = await self._catalog.installed(
+                request.target,
+                request.app.value,
+                token,
+                max_gate_wait=gate_wait,
+                max_budget_wait=context.budget_wait_left(),
+            )
             return request.app.value, installed.version, AppRef(AppKind.TEAMS_APP_ID, installed.teams_app_id)
         found = await graph.find_installation(
-            request.target, request.app, token, max_gate_wait=gate_wait, with_version=wants_version
+            request.target,
+            request.app,
+            token,
+            max_gate_wait=gate_wait,
+            max_budget_wait=context.budget_wait_left(),
+            with_version=wants_version,
         )
         if found is None:
             raise InstallationNotFoundError(
