@@ -769,3 +769,18 @@ def test_fake_clock_moves_only_when_slept(clock: FakeClock) -> None:
     before = clock.now()
     asyncio.run(clock.sleep(1.5))
     assert clock.now() - before == timedelta(seconds=1.5)
+
+
+async def test_an_unreadable_first_attempt_time_starts_the_retry_horizon_afresh(invoke, graph, broker, clock):
+    user_id, _, installation = new_user(graph.tenant)
+    graph.script("upgrade", Fault.throttled("60"))
+    carried = {"UpgradeAttempts": 2, "DeferredAttempts": 2, "OriginalMessageId": "odd", "FirstAttemptUtc": "soon"}
+
+    await invoke(
+        function_message(
+            {"userId": user_id, "appInstallationId": installation}, message_id="odd:retry:2", properties=carried
+        )
+    )
+
+    [retry] = retries(broker)
+    assert retry.application_properties["FirstAttemptUtc"] == iso_utc(clock.now())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.servicebus import ServiceBusMessage
@@ -98,7 +98,8 @@ class DeliveryContext:
             log=log,
             attempts=history.attempts,
             deferred=history.deferred_attempts,
-            first_attempt_utc=history.first_attempt_utc,
+            # An unreadable FirstAttemptUtc starts the horizon afresh (once, with this attempt).
+            first_attempt_utc=history.first_attempt_utc if _parse_utc(history.first_attempt_utc) else None,
             budget_deadline=settler.clock.monotonic() + settler.settings.max_budget_wait_seconds,
         )
 
@@ -118,13 +119,9 @@ class DeliveryContext:
     def read(self, request: Request) -> None:
         """Take in what the parsed request adds to every log line and to the ledger."""
         self.log["request_id"] = request.request_id
-        self.rollout_id = request.rollout_id or (
-            request.request_id
-            if request.request_id is not None and is_rollout_id(request.request_id)
-            else self.history.original_message_id
-            if is_rollout_id(self.history.original_message_id)
-            else None
-        )
+        # §8: the rolloutId given, else the requestId when it fits the alphabet, else the first message's id.
+        candidates = (request.rollout_id, request.request_id, self.history.original_message_id)
+        self.rollout_id = next((c for c in candidates if c is not None and is_rollout_id(c)), None)
         self.log["rollout_id"] = self.rollout_id
         parent = self.delivery.application_properties.get(PARENT_PROPERTY)
         parent = parent if isinstance(parent, str) and parent else None
@@ -229,7 +226,7 @@ class DeliveryContext:
         would come due past ``UPGRADE_MAX_RETRY_HOURS`` after the first attempt, a dead letter."""
         clock, settings = self.settler.clock, self.settings
         now = clock.now()
-        horizon = _parse_utc(self.first_attempt_utc, now) + timedelta(hours=settings.max_retry_hours)
+        horizon = (_parse_utc(self.first_attempt_utc) or now) + timedelta(hours=settings.max_retry_hours)
         room = (horizon - now).total_seconds()
         delay = self.settler.policy.retry_delay(failure, self.attempts)
         if delay > room:
@@ -323,12 +320,12 @@ def failure_fields(failure: GraphFailure) -> dict[str, Any]:
     }
 
 
-def _parse_utc(text: str | None, default: datetime) -> datetime:
-    """``FirstAttemptUtc`` as a time; a missing or unreadable one counts from now."""
+def _parse_utc(text: str | None) -> datetime | None:
+    """``FirstAttemptUtc`` as a UTC time, or ``None`` when it is missing or unreadable."""
     if text is None:
-        return default
+        return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        return default
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=default.tzinfo)
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
