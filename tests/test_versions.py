@@ -27,7 +27,9 @@ def new_app(graph: GraphSimulator, versions: tuple[str, ...] = ("1.0.0", "1.1.0"
     return app, external
 
 
-def request_for(kind: str, user: str, app: str, external: str, installation: str, **extra: Any) -> dict[str, Any]:
+def request_for(
+    kind: str, user: str, app: str, external: str, installation: str | None, **extra: Any
+) -> dict[str, Any]:
     value = {"teamsAppId": app, "externalId": external, "appInstallationId": installation}[kind]
     return {"userId": user, kind: value, **extra}
 
