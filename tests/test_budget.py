@@ -28,18 +28,13 @@ from standins.storage_proxy import StorageProxy
 from tests.support import USER, FakeClock
 from upgrade_handler.budget import (
     BLIND_SHARE,
-    MAX_SEARCH,
-    MIN_LANE,
     BudgetWaitExceeded,
-    Lane,
     LocalSchedule,
     SharedBudget,
-    TableBudgetStore,
-    allocate,
-    budget_key,
-    lay_out,
     shared_budget,
 )
+from upgrade_handler.budget_lanes import MAX_SEARCH, MIN_LANE, Lane, allocate, lay_out
+from upgrade_handler.budget_store import TableBudgetStore, budget_key
 from upgrade_handler.errors import TransientGraphError
 from upgrade_handler.graph import GraphClient
 from upgrade_handler.messages import Scope, Target

@@ -63,20 +63,17 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import UpdateMode
-
+from .budget_lanes import Lane, allocate, lay_out
+from .budget_store import BudgetStore, Snapshot, TableBudgetStore, budget_key
 from .logs import log_event
 from .ratelimit import HEADROOM
 from .settings import Settings
-from .storage import OPERATION_TIMEOUT, StoreUnavailable, Table, bounded, open_table
+from .storage import OPERATION_TIMEOUT, StoreUnavailable, open_table
 
 #: Seconds between two heartbeats of a busy instance (each: one upsert, one partition query).
 HEARTBEAT_SECONDS = 0.5
@@ -90,18 +87,6 @@ IDLE_SECONDS = 1.0
 BLIND_SHARE = 0.25
 #: The store's clock moving against ours by more than this is a jump, not drift: estimate it afresh.
 CLOCK_JUMP_SECONDS = 1.0
-#: Rows of instances gone for this long are deleted by whoever sees them (one per beat).
-FORGET_SECONDS = 600.0
-#: A fan-out's reservation gives up on a contended schedule row after this many tries.
-SCHEDULE_TRIES = 8
-#: 2**64 / golden ratio: ``frac(k * phi)`` in 64-bit fixed point, exact for any slot number.
-_PHI64 = 0x9E3779B97F4A7C15
-#: Lanes narrower than this (a thousandth of the rate) are no lane: slivers that intersecting moving lanes leave.
-MIN_LANE = 0.001
-#: The most grid slots one search for the next owned slot looks at (a lane of MIN_LANE needs ~1,000).
-MAX_SEARCH = 20_000
-_ROW = "instance-"
-_SCHEDULE_ROW = "schedule"
 
 
 class BudgetWaitExceeded(Exception):
@@ -110,204 +95,6 @@ class BudgetWaitExceeded(Exception):
     def __init__(self, expected_wait: float) -> None:
         super().__init__(f"the shared Graph budget has no slot for this call within {expected_wait:.1f} s")
         self.expected_wait = expected_wait
-
-
-# --- shares and lanes: pure functions of one snapshot ------------------------------------------------
-
-
-def allocate(demands: Mapping[str, float], rate: float) -> dict[str, float]:
-    """Split ``rate`` among the positive ``demands``: in proportion while they fit, max-min fair when not.
-
-    Every instance computes this from the rows it read; an instance's share only falls when another's
-    demand rises, so an instance that sees a peer's demand as higher than it is only takes less.
-    """
-    active = {key: value for key, value in demands.items() if value > 0}
-    total = sum(active.values())
-    if total <= 0:
-        return {}
-    if total <= rate:
-        return {key: rate * value / total for key, value in active.items()}
-    level, left, pending = 0.0, rate, sorted(active.items(), key=lambda item: item[1])
-    while pending:  # water-filling: the smallest demands are met first, the rest share what is left
-        level = left / len(pending)
-        if pending[0][1] > level:
-            break
-        left -= pending.pop(0)[1]
-    return {key: min(value, level) for key, value in active.items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Lane:
-    """A part ``[low, high)`` of ``[0, 1)``: the grid slots whose golden-ratio point falls in it."""
-
-    low: float
-    high: float
-
-    @property
-    def width(self) -> float:
-        return max(0.0, self.high - self.low)
-
-    def owns(self, slot: int) -> bool:
-        point = ((slot * _PHI64) & 0xFFFFFFFFFFFFFFFF) / 2.0**64
-        return self.low <= point < self.high
-
-    def intersect(self, other: Lane | None) -> Lane | None:
-        if other is None:
-            return None
-        low, high = max(self.low, other.low), min(self.high, other.high)
-        return Lane(low, high) if high - low >= MIN_LANE else None
-
-    def next_slot(self, slot: int) -> int:
-        """The first slot from ``slot`` on in this lane (about ``1 / width`` tries, at most :data:`MAX_SEARCH`).
-
-        When none is found within the search, the slot after it: the caller waits that long and looks
-        again (a lane that narrow is a sliver left by lanes moving, and moves itself soon).
-        """
-        for candidate in range(slot, slot + MAX_SEARCH):
-            if self.owns(candidate):
-                return candidate
-        return slot + MAX_SEARCH
-
-
-def lay_out(shares: Mapping[str, float], rate: float) -> dict[str, Lane]:
-    """The shares side by side on ``[0, 1)``, in key order, so every reader lays them out alike."""
-    lanes, low = {}, 0.0
-    for key in sorted(shares):
-        high = min(1.0, low + shares[key] / rate)
-        if high - low >= MIN_LANE:
-            lanes[key] = Lane(low, high)
-        low = high
-    return lanes
-
-
-# --- the store -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """One heartbeat: the partition's rows as read right after this instance's upsert.
-
-    ``sent`` and ``answered`` are the caller's clock around the upsert; ``stamped`` is the store's
-    time of it (epoch seconds); ``rows`` maps instance ids to (demand, store time of the row).
-    """
-
-    sent: float
-    answered: float
-    stamped: float
-    rows: dict[str, tuple[float, float]]
-
-
-class BudgetStore(Protocol):
-    """Where the heartbeats and the schedule live. Every method raises only :class:`StoreUnavailable`."""
-
-    operations: int
-
-    async def heartbeat(self, instance: str, demand: float, clock: Callable[[], float]) -> Snapshot: ...
-
-    async def leave(self, instance: str) -> None: ...
-
-    async def reserve(self, calls: int, rate: float, now: float) -> float: ...
-
-    async def aclose(self) -> None: ...
-
-
-class TableBudgetStore:
-    """The budget in Azure Table storage: one partition per budget key, a row per instance, a schedule row.
-
-    ``operations`` counts storage requests made (what the budget costs the storage account).
-    """
-
-    def __init__(self, table: Table, key: str) -> None:
-        self.table = table
-        self.key = key
-        self.operations = 0
-        self._table_made = False
-
-    async def heartbeat(self, instance: str, demand: float, clock: Callable[[], float]) -> Snapshot:
-        entity = {"PartitionKey": self.key, "RowKey": _ROW + instance, "demand": float(demand)}
-        if not self._table_made:  # once per process: the first instance of the app creates the table
-            await self._op(self.table.create_if_missing())
-            self._table_made = True
-        sent = clock()
-        try:
-            await self._upsert(entity)
-        except StoreUnavailable as error:
-            if error.table_missing:  # deleted under us, every row with it: create it for the next beat
-                await self._op(self.table.create_if_missing())
-            raise
-        answered = clock()
-        query = "PartitionKey eq @key and RowKey ge @low and RowKey lt @high"
-        parameters = {"key": self.key, "low": _ROW, "high": _ROW[:-1] + chr(ord(_ROW[-1]) + 1)}
-
-        async def read() -> list[Any]:
-            return [e async for e in self.table.client.query_entities(query, parameters=parameters)]
-
-        entities = await self._op(read(), "query")
-        rows = {
-            str(e["RowKey"])[len(_ROW) :]: (float(e.get("demand", 0.0)), e.metadata["timestamp"].timestamp())
-            for e in entities
-        }
-        if instance not in rows:  # deleted between the two calls: the store's time is unknown this beat
-            raise StoreUnavailable("query", "this instance's row was not there")
-        stamped = rows[instance][1]
-        forgotten = [other for other, (_, at) in rows.items() if stamped - at > FORGET_SECONDS]
-        if forgotten:  # a crashed instance's row: one per beat, failures do not matter
-            with contextlib.suppress(StoreUnavailable):
-                await self._op(self.table.client.delete_entity(self.key, _ROW + forgotten[0]), "delete")
-        return Snapshot(sent, answered, stamped, rows)
-
-    async def leave(self, instance: str) -> None:
-        await self._op(self.table.client.delete_entity(self.key, _ROW + instance), "delete")
-
-    async def reserve(self, calls: int, rate: float, now: float) -> float:
-        """Advance the schedule row's next free time by ``calls / rate``; returns where the reservation starts."""
-        for _ in range(SCHEDULE_TRIES):
-            try:
-                current = await self._op(self.table.client.get_entity(self.key, _SCHEDULE_ROW), "read schedule")
-            except StoreUnavailable as error:
-                if error.table_missing:
-                    await self._op(self.table.create_if_missing())
-                    continue
-                if not isinstance(error.__cause__, ResourceNotFoundError):
-                    raise
-                current = None
-            start = max(now, float(current["nextFree"]) if current is not None else now)
-            entity = {"PartitionKey": self.key, "RowKey": _SCHEDULE_ROW, "nextFree": start + calls / rate}
-            try:
-                if current is None:
-                    await self._op(self.table.client.create_entity(entity), "create schedule")
-                else:
-                    await self._op(
-                        self.table.client.update_entity(
-                            entity,
-                            mode=UpdateMode.REPLACE,
-                            etag=current.metadata["etag"],
-                            match_condition=MatchConditions.IfNotModified,
-                        ),
-                        "advance schedule",
-                    )
-            except StoreUnavailable as error:
-                if isinstance(error.__cause__, ResourceExistsError | ResourceModifiedError):
-                    continue  # another fan-out moved it first: read it again
-                raise
-            return start
-        raise StoreUnavailable("reserve", f"the schedule row was contended {SCHEDULE_TRIES} times")
-
-    async def aclose(self) -> None:
-        await self.table.aclose()
-
-    async def _upsert(self, entity: dict[str, Any]) -> None:
-        await self._op(self.table.client.upsert_entity(entity, mode=UpdateMode.REPLACE), "upsert")
-
-    async def _op(self, operation: Awaitable[Any], name: str = "create table") -> Any:
-        self.operations += 1
-        return await bounded(operation, name, self.table.timeout)
-
-
-def budget_key(graph_base_url: str, client_id: str | None) -> str:
-    """The partition of one budget: the Graph cloud and the app identity (its tenant goes with it)."""
-    host = urlsplit(graph_base_url).netloc.lower()
-    return f"{host}|{(client_id or 'default').lower()}"
 
 
 # --- the budget ------------------------------------------------------------------------------------
