@@ -294,3 +294,70 @@ def test_two_bad_settings_still_give_an_error_naming_one_of_them() -> None:
     # given two bad settings, the error names one of them rather than failing in some generic way
     error = refused({**AZURE, "GRAPH_BASE_URL": "https://evil.com", "UPGRADE_MAX_ATTEMPTS": "x"})
     assert error.setting in ("GRAPH_BASE_URL", "UPGRADE_MAX_ATTEMPTS")
+
+
+# --- the app's storage account, the budget and the retry horizon (§5, §7, §8) --------------------
+
+
+def test_without_a_storage_account_there_is_no_shared_store() -> None:
+    configured = settings()
+    assert configured.storage is None
+    assert (configured.budget_table, configured.rollout_table) == ("graphbudget", "rollouts")
+    assert (configured.max_retry_hours, configured.max_budget_wait_seconds) == (24, 240)
+
+
+def test_use_development_storage_points_at_azurite() -> None:
+    storage = settings(AzureWebJobsStorage="UseDevelopmentStorage=true").storage
+    assert storage is not None and storage.connection_string is not None
+    assert "AccountName=devstoreaccount1" in storage.connection_string
+    assert "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1" in storage.connection_string
+
+
+def test_a_storage_connection_string_is_used_as_given() -> None:
+    given = "DefaultEndpointsProtocol=https;AccountName=contosoupgrader;AccountKey=a2V5;EndpointSuffix=core.windows.net"
+    storage = settings(AzureWebJobsStorage=given).storage
+    assert storage is not None and storage.connection_string == given
+
+
+def test_an_account_name_is_reached_with_the_managed_identity() -> None:
+    storage = settings(
+        AzureWebJobsStorage__accountName="contosoupgrader",
+        AzureWebJobsStorage__credential="managedidentity",
+        AzureWebJobsStorage__clientId=MANAGED_IDENTITY,
+    ).storage
+    assert storage is not None
+    assert storage.table_service_uri == "https://contosoupgrader.table.core.windows.net"
+    assert (storage.client_id, storage.connection_string) == (MANAGED_IDENTITY, None)
+
+
+def test_a_table_service_uri_is_used_as_given() -> None:
+    storage = settings(
+        AzureWebJobsStorage__tableServiceUri="https://contosoupgrader.table.core.usgovcloudapi.net/"
+    ).storage
+    assert storage is not None
+    assert storage.table_service_uri == "https://contosoupgrader.table.core.usgovcloudapi.net"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("AzureWebJobsStorage", "AccountName=contoso"),  # no key
+        ("AzureWebJobsStorage__accountName", "Contoso_Upgrader"),
+        ("AzureWebJobsStorage__tableServiceUri", "http://contoso.table.core.windows.net"),
+        ("AzureWebJobsStorage__credential", "connectionstring"),
+        ("AzureWebJobsStorage__clientId", "not-a-guid"),
+        ("GRAPH_BUDGET_TABLE", "graph-budget"),
+        ("ROLLOUT_TABLE", "r"),
+        ("UPGRADE_MAX_RETRY_HOURS", "0"),
+        ("UPGRADE_MAX_RETRY_HOURS", "1000"),
+        ("UPGRADE_MAX_RETRY_HOURS", "nan"),
+        ("UPGRADE_MAX_BUDGET_WAIT_SECONDS", "241"),
+        ("UPGRADE_MAX_BUDGET_WAIT_SECONDS", "-1"),
+    ],
+)
+def test_a_bad_storage_or_budget_setting_is_refused_naming_it(setting: str, value: str) -> None:
+    environ = {**AZURE, setting: value}
+    if setting in ("AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId"):
+        environ["AzureWebJobsStorage__accountName"] = "contosoupgrader"
+    error = refused(environ)
+    assert error.setting == setting
