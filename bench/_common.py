@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 import uuid
@@ -184,6 +185,55 @@ class LocalHost:
                 self._later = [p for p in self._later if p.due > now]
                 self._ready.extend(p.delivery for p in due)
         return self._ready.popleft() if self._ready else None
+
+
+@contextmanager
+def worker_processes(module: str, env: Mapping[str, str], shares: Sequence[Any]) -> Iterator[WorkerFleet]:
+    """One ``python -m <module> --child`` per share, each told ``{"env", "users"}`` on its standard
+    input, started together: yields once every one has imported everything and said ``ready``; kills
+    any still running on the way out."""
+    fleet = WorkerFleet([])
+    try:
+        for share in shares:
+            child = subprocess.Popen(
+                [sys.executable, "-m", module, "--child"],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            assert child.stdin is not None
+            child.stdin.write(json.dumps({"env": dict(env), "users": share}) + "\n")
+            child.stdin.flush()
+            fleet.children.append(child)
+        for child in fleet.children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("a worker process did not start")
+        yield fleet
+    finally:
+        for child in fleet.children:
+            if child.poll() is None:
+                child.kill()
+
+
+@dataclass
+class WorkerFleet:
+    """The worker processes of :func:`worker_processes`."""
+
+    children: list[subprocess.Popen[str]]
+
+    def go(self) -> None:
+        """Tell every worker to start, as close to the same instant as the pipes allow."""
+        for child in self.children:
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+
+    def reports(self, timeout: float) -> list[dict[str, Any]]:
+        """Each worker's report: the last line it printed, as JSON."""
+        return [json.loads(child.communicate(timeout=timeout)[0].strip().splitlines()[-1]) for child in self.children]
 
 
 def to_delivery(message: ServiceBusMessage, delivery_count: int = 1) -> Delivery:

@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ from bench._common import (
     request_body,
     stand_ins,
     table,
+    worker_processes,
     write_result,
 )
 from standins.azurite import Azurite
@@ -174,47 +174,18 @@ def run_fleet(
     """``processes`` workers sharing the tenant and the store; ``during(go_time)`` runs in a thread meanwhile."""
     env = {**env, "BENCH_PROCESSES": str(processes), "GRAPH_BUDGET_TABLE": "budget" + uuid.uuid4().hex[:12]}
     shares = [users[i::processes] for i in range(processes)]
-    children: list[subprocess.Popen[str]] = []
-    try:
-        for share in shares:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "bench.budget", "--child"],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-            assert child.stdin is not None
-            child.stdin.write(json.dumps({"env": env, "users": share}) + "\n")
-            child.stdin.flush()
-            children.append(child)
-        for child in children:
-            assert child.stdout is not None
-            if child.stdout.readline().strip() != "ready":
-                raise RuntimeError("a worker process did not start")
+    with worker_processes("bench.budget", env, shares) as fleet:
         before = graph.stats()
         upgraded_before = len(graph.upgraded)
         started = time.perf_counter()
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
+        fleet.go()
         side = threading.Thread(target=during, args=(started,), daemon=True) if during else None
         if side:
             side.start()
-        limit = len(users) / LIMIT * DEADLINE_FACTOR + 180
-        reports = []
-        for child in children:
-            out, _ = child.communicate(timeout=limit)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
+        reports = fleet.reports(timeout=len(users) / LIMIT * DEADLINE_FACTOR + 180)
         elapsed = time.perf_counter() - started
         if side:
             side.join(120)
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
     after = graph.stats()
     calls = after["requests"] - before["requests"]
     throttled = after["throttled"] - before["throttled"]

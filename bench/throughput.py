@@ -23,7 +23,6 @@ import importlib
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -50,6 +49,7 @@ from bench._common import (
     request_body,
     stand_ins,
     table,
+    worker_processes,
     write_result,
 )
 from standins.graph_simulator import GraphSimulator
@@ -310,40 +310,10 @@ def run_processes(graph: GraphSimulator, identity: IdentityEndpoint, users: User
     """``processes`` workers, each its own handler at 30/s, against the one 30/s budget."""
     env = environment(identity, graph.url, GRAPH_MAX_REQUESTS_PER_SECOND=str(LIMIT))
     shares = [users[i::processes] for i in range(processes)]
-    meter = Meter(graph, identity)
-    children = []
-    try:
-        for share in shares:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "bench.throughput", "--child"],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-            assert child.stdin is not None
-            child.stdin.write(json.dumps({"env": env, "users": share}) + "\n")
-            child.stdin.flush()
-            children.append(child)
-        for child in children:  # each has imported everything and built its handler
-            assert child.stdout is not None
-            if child.stdout.readline().strip() != "ready":
-                raise RuntimeError("a worker process did not start")
+    with worker_processes("bench.throughput", env, shares) as fleet:  # each has built its handler
         meter = Meter(graph, identity)
-        for child in children:
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        limit = len(users) / LIMIT * DEADLINE_FACTOR + 120
-        reports = []
-        for child in children:
-            out, _ = child.communicate(timeout=limit)
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
+        fleet.go()
+        reports = fleet.reports(timeout=len(users) / LIMIT * DEADLINE_FACTOR + 120)
     total = meter.read(users)
     per_process = []
     for index, report in enumerate(reports):
