@@ -116,6 +116,8 @@ class SoakConfig:
 
 #: What goes wrong on the wire, in this order, again and again.
 WIRE_FAULTS = ("graph_trickle", "identity_hang", "servicebus_freeze")
+#: A fault window that has held nothing yet stays open up to this many tenths of a second longer.
+WINDOW_EXTENSION_STEPS = 50
 
 
 class WireFaults:
@@ -139,17 +141,28 @@ class WireFaults:
                     else:
                         proxy.freeze()
                     self.windows[kind] += 1
+                    before = self._caught(kind)
                     try:
                         if kind == "servicebus_freeze":
                             await asyncio.sleep(self.config.servicebus_freeze_seconds)
                         else:
                             await asyncio.sleep(self.config.wire_fault_seconds)
+                        # A window that caught nothing yet (the handler was between calls) stays
+                        # open a little longer, so every fault really meets the handler's traffic.
+                        for _ in range(WINDOW_EXTENSION_STEPS):
+                            if self._caught(kind) > before:
+                                break
+                            await asyncio.sleep(0.1)
                     finally:
                         proxy.sever()
                         proxy.flow()
                 self.rounds += 1
         except asyncio.CancelledError:
             return
+
+    def _caught(self, kind: str) -> int:
+        proxy = self.proxies[kind]
+        return proxy.trickled if kind == "graph_trickle" else proxy.held
 
     def figures(self) -> dict[str, Any]:
         graph, identity, bus = (self.proxies[kind] for kind in WIRE_FAULTS)
