@@ -10,12 +10,25 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 
 from standins.graph_simulator import Fault, GraphSimulator
+from tests.graph_support import (
+    APP,
+    AUTH,
+    CHAT,
+    EXTERNAL_ID,
+    GOOD_TOKEN,
+    OTHER_USER,
+    TARGETS,
+    TEAM,
+    USER,
+    apps_path,
+    error_of,
+    seg,
+)
 from upgrade_handler.catalog import Catalog
 from upgrade_handler.errors import PermanentGraphError
 from upgrade_handler.graph import GraphClient
@@ -23,16 +36,7 @@ from upgrade_handler.messages import AppKind, AppRef, Scope, Target
 from upgrade_handler.ratelimit import AdaptiveRateLimiter
 from upgrade_handler.versions import Version
 
-USER = "5b649834-7412-4cce-9e69-176e95a394f5"
-OTHER_USER = "c527a470-a882-481c-981c-ee6efaba85c7"
-TEAM = "02bd9fd6-8f93-4758-87c3-1fb73740a315"
-CHAT = "19:561082c0f3f847a58069deb8eb300807@thread.v2"
-APP = "a6b63365-31a4-4f43-92ec-710b71557af9"
-EXTERNAL_ID = "cf1ba4c7-f94e-4d80-ba90-5594b641a8ee"
 OTHER_APP = "9d3c1a52-1111-4222-8333-444455556666"
-TOKEN = "good-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-TARGETS = {"user": USER, "team": TEAM, "chat": CHAT}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def http() -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def graph() -> Iterator[GraphSimulator]:
-    with GraphSimulator(token_validator=lambda token: token == TOKEN) as sim:
+    with GraphSimulator(token_validator=lambda token: token == GOOD_TOKEN) as sim:
         tenant = sim.tenant
         tenant.add_user(USER)
         tenant.add_user(OTHER_USER)
@@ -54,15 +58,10 @@ def graph() -> Iterator[GraphSimulator]:
         yield sim
 
 
-def apps_path(scope: str, target: str) -> str:
-    owner = {"user": "users/{}/teamwork", "team": "teams/{}", "chat": "chats/{}"}[scope]
-    return "/v1.0/" + owner.format(quote(target, safe="")) + "/installedApps"
-
-
 def get_installation(
     http: httpx.Client, graph: GraphSimulator, scope: str, target: str, iid: str, expand: str = "teamsAppDefinition"
 ) -> httpx.Response:
-    url = f"{graph.url}{apps_path(scope, target)}/{quote(iid, safe='')}"
+    url = f"{graph.url}{apps_path(scope, target)}/{seg(iid)}"
     return http.get(url, params={"$expand": expand} if expand else {}, headers=AUTH)
 
 
@@ -76,20 +75,13 @@ def read_catalog(
 
 
 def upgrade(http: httpx.Client, graph: GraphSimulator, iid: str, scope: str = "user") -> httpx.Response:
-    url = f"{graph.url}{apps_path(scope, TARGETS[scope])}/{quote(iid, safe='')}/upgrade"
+    url = f"{graph.url}{apps_path(scope, TARGETS[scope])}/{seg(iid)}/upgrade"
     return http.post(url, headers=AUTH)
 
 
 def definitions_of(response: httpx.Response) -> list[tuple[str, str]]:
     (app,) = response.json()["value"]
     return [(d["version"], d["publishingState"]) for d in app["appDefinitions"]]
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    body = response.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 # --- installed versions ---------------------------------------------------------------------------
@@ -341,17 +333,21 @@ async def test_the_functions_client_reads_installed_and_published_versions(graph
     catalog = Catalog(client, clock=lambda: float(next(ticks)), ttl=0.5)
     target = Target(Scope.USER, USER)
 
-    found = await client.find_installation(target, AppRef(AppKind.EXTERNAL_ID, EXTERNAL_ID), TOKEN, with_version=True)
+    found = await client.find_installation(
+        target, AppRef(AppKind.EXTERNAL_ID, EXTERNAL_ID), GOOD_TOKEN, with_version=True
+    )
     assert found is not None
     assert (found.id, found.version) == (iid, "2.2.0")
-    installed = await catalog.installed(target, iid, TOKEN, max_gate_wait=1.0)
+    installed = await catalog.installed(target, iid, GOOD_TOKEN, max_gate_wait=1.0)
     assert (installed.version, installed.teams_app_id) == ("2.2.0", APP)
-    by_id = await catalog.latest_published(AppRef(AppKind.TEAMS_APP_ID, APP), TOKEN, max_gate_wait=1.0)
+    by_id = await catalog.latest_published(AppRef(AppKind.TEAMS_APP_ID, APP), GOOD_TOKEN, max_gate_wait=1.0)
     assert by_id == Version.parse("2.3.0")
     graph.tenant.publish(APP, "2.4.0")
-    by_external = await catalog.latest_published(AppRef(AppKind.EXTERNAL_ID, EXTERNAL_ID), TOKEN, max_gate_wait=1.0)
+    by_external = await catalog.latest_published(
+        AppRef(AppKind.EXTERNAL_ID, EXTERNAL_ID), GOOD_TOKEN, max_gate_wait=1.0
+    )
     assert by_external == Version.parse("2.4.0")
-    missing = await catalog.latest_published(AppRef(AppKind.EXTERNAL_ID, "nowhere"), TOKEN, max_gate_wait=1.0)
+    missing = await catalog.latest_published(AppRef(AppKind.EXTERNAL_ID, "nowhere"), GOOD_TOKEN, max_gate_wait=1.0)
     assert missing is None
     assert [r.route for r in graph.requests] == ["list", "installation", "catalog", "catalog", "catalog"]
     assert catalog.reads == 3
@@ -366,22 +362,22 @@ async def test_the_functions_client_rejects_the_malformed_answers_and_the_403(gr
 
     graph.tenant.set_catalog_definitions(APP, "absent")
     with pytest.raises(PermanentGraphError) as no_definitions:
-        await catalog.latest_published(app, TOKEN, max_gate_wait=1.0)
+        await catalog.latest_published(app, GOOD_TOKEN, max_gate_wait=1.0)
     assert no_definitions.value.failure.code == "UnreadableResponse"
     graph.tenant.set_catalog_definitions(APP, None)
 
     graph.tenant.publish(APP, "2.4-beta")
     with pytest.raises(PermanentGraphError) as bad_definition:
-        await catalog.latest_published(app, TOKEN, max_gate_wait=1.0)
+        await catalog.latest_published(app, GOOD_TOKEN, max_gate_wait=1.0)
     assert bad_definition.value.failure.code == "UnreadableResponse"
 
     graph.tenant.set_installed_version(iid, "latest")
     with pytest.raises(PermanentGraphError) as bad_installed:
-        await catalog.installed(target, iid, TOKEN, max_gate_wait=1.0)
+        await catalog.installed(target, iid, GOOD_TOKEN, max_gate_wait=1.0)
     assert bad_installed.value.failure.code == "UnreadableResponse"
 
     graph.tenant.deny_catalog(True)
     with pytest.raises(PermanentGraphError) as denied:
-        await catalog.latest_published(app, TOKEN, max_gate_wait=1.0)
+        await catalog.latest_published(app, GOOD_TOKEN, max_gate_wait=1.0)
     assert (denied.value.failure.status, denied.value.failure.code) == (403, "Forbidden")
     assert denied.value.failure.message.startswith("Missing role permissions on the request.")

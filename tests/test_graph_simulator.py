@@ -17,25 +17,29 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import httpx
 import pytest
 
 from standins.graph_simulator import Fault, GraphSimulator
+from tests.graph_support import (
+    APP,
+    AUTH,
+    CHAT,
+    EXTERNAL_ID,
+    GOOD_TOKEN,
+    OTHER_USER,
+    TARGETS,
+    TEAM,
+    USER,
+    apps_path,
+    error_of,
+    seg,
+)
 
-USER = "5b649834-7412-4cce-9e69-176e95a394f5"
 UPN = "Adele.Vance@contoso.onmicrosoft.com"
-OTHER_USER = "c527a470-a882-481c-981c-ee6efaba85c7"
-TEAM = "02bd9fd6-8f93-4758-87c3-1fb73740a315"
-CHAT = "19:561082c0f3f847a58069deb8eb300807@thread.v2"
-APP = "a6b63365-31a4-4f43-92ec-710b71557af9"
-EXTERNAL_ID = "cf1ba4c7-f94e-4d80-ba90-5594b641a8ee"
 PERMANENT_APP = "effe13ef-0d2b-4a3b-9d33-6b0d8f1a8a10"
-GOOD_TOKEN = "good-token"
-AUTH = {"Authorization": f"Bearer {GOOD_TOKEN}"}
-TARGETS = {"user": USER, "team": TEAM, "chat": CHAT}
 GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -59,16 +63,6 @@ def graph() -> Iterator[GraphSimulator]:
         yield sim
 
 
-def seg(value: str) -> str:
-    """One path segment, percent-encoded the way the function encodes ids."""
-    return quote(value, safe="")
-
-
-def apps_path(scope: str, target: str, version: str = "v1.0") -> str:
-    owner = {"user": f"users/{seg(target)}/teamwork", "team": f"teams/{seg(target)}", "chat": f"chats/{seg(target)}"}
-    return f"/{version}/{owner[scope]}/installedApps"
-
-
 def upgrade_path(
     scope: str, target: str, installation_id: str, *, version: str = "v1.0", action: str = "upgrade"
 ) -> str:
@@ -87,13 +81,6 @@ def lookup(
 ) -> httpx.Response:
     query = {"$expand": "teamsApp", "$filter": flt, **params}
     return http.get(graph.url + apps_path(scope, target), params=query, headers=AUTH)
-
-
-def error_of(response: httpx.Response) -> dict[str, Any]:
-    body = response.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 # --- upgrade --------------------------------------------------------------------------------------
