@@ -128,8 +128,7 @@ async def drive(env: dict[str, str], users: Users, events: _Events) -> dict[str,
     sampler.cancel()
     operations = budget.store_operations
     beats, failed = budget.beats, budget.failed_beats
-    await budget.aclose()
-    await handler.aclose()
+    await handler.aclose()  # the budget's too: it stops beating and gives its share back
     return {
         "elapsed_s": round(elapsed, 3),
         "outcomes": dict(report.outcomes),
