@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,15 +29,13 @@ from standins.storage_proxy import StorageProxy
 from upgrade_handler.__main__ import build_parser
 from upgrade_handler.cli.app import dispatch
 from upgrade_handler.cli.output import make_console
-from upgrade_handler.ledger import Ledger, PageRecord, TargetRecord, open_ledger
-from upgrade_handler.settings import Settings
+from upgrade_handler.ledger import Ledger, PageRecord, TargetRecord
 
 # The fixtures azurite and storage_proxy.
 pytest_plugins = ["tests.storage_support"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORAGE_SETTINGS = ("AzureWebJobsStorage", "AzureWebJobsStorage__accountName", "AzureWebJobsStorage__tableServiceUri")
-SERVICE_BUS = "Endpoint=sb://unused.invalid/;SharedAccessKeyName=unused;SharedAccessKey=unused"
 
 
 @dataclass(frozen=True)
@@ -79,27 +77,9 @@ def store(azurite: Azurite, table: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture
-async def ledger_at() -> AsyncIterator[Callable[[str, str], Ledger]]:
-    """What the function writes with: a ledger on a connection string and table."""
-    made: list[Ledger] = []
-
-    def make(connection_string: str, table: str) -> Ledger:
-        settings = Settings.from_environment(
-            {"ServiceBusConnection": SERVICE_BUS, "AzureWebJobsStorage": connection_string, "ROLLOUT_TABLE": table}
-        )
-        ledger = open_ledger(settings)
-        assert ledger is not None
-        made.append(ledger)
-        return ledger
-
-    yield make
-    for ledger in made:
-        await ledger.aclose()
-
-
-@pytest.fixture
-def ledger(store: str, table: str, ledger_at: Callable[[str, str], Ledger]) -> Ledger:
-    return ledger_at(store, table)
+def ledger(store: str, table: str, ledgers: Callable[..., Ledger]) -> Ledger:
+    """What the function writes with: a ledger on this test's table."""
+    return ledgers(store, table)
 
 
 RunCli = Callable[..., Awaitable[Result]]
@@ -297,12 +277,12 @@ async def test_wait_reads_again_when_the_ledger_does_not_answer(
     storage_proxy: StorageProxy,
     table: str,
     monkeypatch: pytest.MonkeyPatch,
-    ledger_at: Callable[[str, str], Ledger],
+    ledgers: Callable[..., Ledger],
     azurite: Azurite,
 ) -> None:
     monkeypatch.setenv("AzureWebJobsStorage", storage_proxy.connection_string)
     monkeypatch.setenv("ROLLOUT_TABLE", table)
-    ledger, rollout, polls = ledger_at(azurite.connection_string, table), rollout_id(), Polls()
+    ledger, rollout, polls = ledgers(azurite.connection_string, table), rollout_id(), Polls()
     await fan_out(ledger, rollout, ["upgraded"])
     storage_proxy.answer(503)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from azure.data.tables.aio import TableClient
 
 from standins.azurite import Azurite
 from standins.storage_proxy import StorageProxy
+from tests.storage_support import settings_for
 from upgrade_handler.ledger import (
     OUTCOMES,
     Ledger,
@@ -31,7 +32,6 @@ from upgrade_handler.ledger import (
     target_of,
     unescape_key,
 )
-from upgrade_handler.settings import Settings
 
 # The fixtures azurite and storage_proxy.
 pytest_plugins = ["tests.storage_support"]
@@ -41,14 +41,6 @@ USER_GUID = "7f3c2d1e-0a4b-4c5d-9e8f-112233445566"
 TEAM = "02bd9fd6-8f93-4758-87c3-1fb73740a315"
 CHAT = "19:8ea0e38b-efb3-4757-924a-5f94061cf8c2_97f62344-57dc-409c-88ad-c4af14158ff5@unq.gbl.spaces"
 AT = datetime(2026, 11, 29, 15, 4, 5, 123000, tzinfo=UTC)
-SERVICE_BUS = "Endpoint=sb://unused.invalid/;SharedAccessKeyName=unused;SharedAccessKey=unused"
-
-
-def settings_for(connection_string: str | None, table: str = "rollouts") -> Settings:
-    environment = {"ServiceBusConnection": SERVICE_BUS, "ROLLOUT_TABLE": table}
-    if connection_string is not None:
-        environment["AzureWebJobsStorage"] = connection_string
-    return Settings.from_environment(environment)
 
 
 def new_rollout() -> str:
@@ -57,21 +49,6 @@ def new_rollout() -> str:
 
 def user(rollout: str, target: str, outcome: str = "upgraded", **fields: Any) -> TargetRecord:
     return TargetRecord(rollout, "user", target, outcome, fields.pop("attempts", 1), fields.pop("at", AT), **fields)
-
-
-@pytest.fixture
-async def ledgers() -> AsyncIterator[Callable[..., Ledger]]:
-    made: list[Ledger] = []
-
-    def make(connection_string: str, table: str = "rollouts", **options: Any) -> Ledger:
-        ledger = open_ledger(settings_for(connection_string, table), **options)
-        assert ledger is not None
-        made.append(ledger)
-        return ledger
-
-    yield make
-    for ledger in made:
-        await ledger.aclose()
 
 
 async def rows(connection_string: str, rollout: str, table: str = "rollouts") -> list[dict[str, Any]]:
