@@ -68,6 +68,8 @@ MIX = (
     ("unknown_installation", 0.02, "GraphRequestRejected"),
     ("not_installed", 0.02, "InstallationNotFound"),
 )
+#: The soak starts with this many requests of every kind, then draws from MIX.
+EVERY_KIND_AT_LEAST = 3
 _INVALID_BODIES = (
     b"{not json",
     b'{"appInstallationId": "aWQ="}',
@@ -195,7 +197,10 @@ def make_requests(graph: GraphSimulator, config: SoakConfig, run: str) -> list[R
     expected = {kind: end for kind, _, end in MIX}
     requests = []
     for number in range(config.size):
-        kind = rng.choices(kinds, weights)[0]
+        # Every kind a few times first: under this much chaos a lone request of a rare kind may
+        # legitimately end RetriesExhausted, and the soak must still see each kind's own end.
+        seeded_first = number < len(kinds) * EVERY_KIND_AT_LEAST
+        kind = kinds[number % len(kinds)] if seeded_first else rng.choices(kinds, weights)[0]
         user_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
         upn = f"soak.{user_id[:8]}@contoso.com"
         request_id = f"{run}-{number}"
